@@ -1,0 +1,185 @@
+"""Attention backends behind one switch.
+
+All take q [batch, seq_q, heads, head_dim] and k, v [batch, seq_kv, kv_heads, head_dim]
+(grouped-query attention without repeating K/V) and return [batch, seq_q, heads, head_dim].
+
+Masking: query i of row b may attend to key j when ``j <= q_offsets[b] + i`` (causal; the
+offset is the number of cached tokens before the queries, 0 for a full sequence) and
+``q_segment_ids[b, i] == kv_segment_ids[b, j] != 0`` (packed documents never see each other;
+segment 0 marks padding and empty cache slots).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from glmjax import sharding
+
+# Finite "minus infinity": fully masked rows (padding queries) stay finite.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def attention_mask(
+    q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_offsets: jax.Array | None
+) -> jax.Array:
+    """Boolean mask [batch, 1, seq_q, seq_kv]; True where attention is allowed."""
+    seq_q, seq_kv = q_segment_ids.shape[1], kv_segment_ids.shape[1]
+    q_index = jnp.arange(seq_q)[None, :, None]
+    if q_offsets is not None:
+        q_index = q_index + q_offsets[:, None, None]
+    causal = jnp.arange(seq_kv)[None, None, :] <= q_index
+    same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    valid = (kv_segment_ids != 0)[:, None, :]
+    return (causal & same_segment & valid)[:, None]
+
+
+def xla_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+) -> jax.Array:
+    """Dense reference: grouped einsum, fp32 logits and softmax.
+
+    Args:
+      mask: bool [batch, 1, seq_q, seq_kv].
+    """
+    batch, seq_q, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    q = q.reshape(batch, seq_q, kv_heads, groups, head_dim)
+    logits = jnp.einsum(
+        "btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32
+    ) * (1.0 / math.sqrt(head_dim))
+    logits = jnp.where(mask[:, :, None], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, seq_q, heads, head_dim).astype(q.dtype)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU, XLA elsewhere).
+
+    Args:
+      mask: bool [batch, 1, seq_q, seq_kv], or None for plain causal attention.
+    """
+    if mask is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+@functools.lru_cache(maxsize=16)
+def _splash_kernel(seq_q: int, seq_kv: int, groups: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+        splash_attention_mask as splash_mask,
+    )
+
+    block = min(512, seq_q, seq_kv)
+    mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((seq_q, seq_kv))] * groups)
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block,
+        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+        block_q_dq=block, block_kv_dq=block,
+    )
+    with jax.ensure_compile_time_eval():  # mask tables must be constants, not tracers of the caller
+        return splash.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    *,
+    interpret: bool = False,
+) -> jax.Array:
+    """TPU splash attention (Pallas), causal with segment ids; GQA as one MQA kernel per KV head.
+
+    Sequence lengths must be multiples of 128. Under a multi-device mesh the kernel runs
+    per shard (``shard_map``): batch over the batch axes, KV heads over the tensor axis.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+    batch, seq_q, heads, head_dim = q.shape
+    seq_kv, kv_heads = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    kernel = _splash_kernel(seq_q, seq_kv, groups, interpret)
+
+    def per_shard(q, k, v, q_seg, kv_seg):
+        b, t, n, h = q.shape
+        kh = k.shape[2]
+        qg = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4) * (1.0 / math.sqrt(h))
+        kt = k.transpose(0, 2, 1, 3)
+        vt = v.transpose(0, 2, 1, 3)
+
+        def one_row(qr, kr, vr, qs, ks):
+            segments = splash.SegmentIds(q=qs, kv=ks)
+            return jax.vmap(lambda a, b_, c: kernel(a, b_, c, segment_ids=segments))(qr, kr, vr)
+
+        out = jax.vmap(one_row)(qg.astype(q.dtype), kt, vt, q_seg, kv_seg)
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or math.prod(mesh.axis_sizes) == 1:
+        return per_shard(q, k, v, q_segment_ids, kv_segment_ids)
+    qkv_spec = sharding.logical_to_spec(
+        ("act_batch", None, "act_kv_heads", None), (batch, seq_kv, kv_heads, head_dim), mesh
+    )
+    seg_spec = PartitionSpec(qkv_spec[0], None)
+    return jax.shard_map(
+        per_shard,
+        mesh=mesh,
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec, seg_spec),
+        out_specs=qkv_spec,
+        check_vma=False,
+    )(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def sample_attention(q: jax.Array, k: jax.Array, v: jax.Array, alpha: float) -> jax.Array:
+    """SampleAttention (adaptive structured sparse attention) for causal prefill."""
+    from pallas_kernels.sample_attention import sample_attention as sparse_attention
+
+    return sparse_attention(q, k, v, alpha=alpha, causal=True)
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    q_offsets: jax.Array | None,
+    backend: str,
+    sample_alpha: float = 0.95,
+) -> jax.Array:
+    """Dispatches to a backend.
+
+    Incremental decoding (``q_offsets`` given) always uses the dense XLA path; "sample" is a
+    prefill method and needs unpacked sequences (no segment ids), else it falls back to "xla".
+    """
+    batch, seq_q = q.shape[:2]
+    seq_kv = k.shape[1]
+    packed = q_segment_ids is not None or kv_segment_ids is not None
+    if q_offsets is None and backend == "sample" and not packed:
+        return sample_attention(q, k, v, sample_alpha)
+    if q_offsets is None and backend == "fused" and not packed:
+        return fused_attention(q, k, v, None)
+    q_seg = jnp.broadcast_to(1 if q_segment_ids is None else q_segment_ids, (batch, seq_q)).astype(jnp.int32)
+    kv_seg = jnp.broadcast_to(1 if kv_segment_ids is None else kv_segment_ids, (batch, seq_kv)).astype(jnp.int32)
+    if q_offsets is None and backend == "splash":
+        return splash_attention(q, k, v, q_seg, kv_seg, interpret=jax.default_backend() != "tpu")
+    mask = attention_mask(q_seg, kv_seg, q_offsets)
+    if backend == "fused" and q_offsets is None:
+        return fused_attention(q, k, v, mask)
+    if backend not in ("xla", "fused", "splash", "sample"):
+        raise ValueError(f"unknown attention backend {backend!r}; use xla, fused, splash or sample")
+    return xla_attention(q, k, v, mask)

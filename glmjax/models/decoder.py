@@ -1,0 +1,333 @@
+"""The decoder family: GLM-4, GLM-4-0414 and Qwen2.5 switched by ``ModelConfig``.
+
+Parameters carry ``logical_axes`` metadata (see ``glmjax.sharding``). The layers are
+stacked along a leading ``layers`` axis and run with ``jax.lax.scan`` (one compiled layer
+body), optionally rematerialised.
+
+Parameter layout (shapes for one layer; the stack adds a leading ``num_layers`` axis):
+  attention.q_kernel [embed, heads, head_dim],   q_bias [heads, head_dim]
+  attention.k_kernel [embed, kv_heads, head_dim], k_bias [kv_heads, head_dim]
+  attention.v_kernel [embed, kv_heads, head_dim], v_bias [kv_heads, head_dim]
+  attention.o_kernel [heads, head_dim, embed]
+  mlp.gate_up_kernel [embed, 2, mlp]  (index 0 = gate, 1 = up)
+  mlp.down_kernel    [mlp, embed]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from glmjax.models import attention as attention_lib
+from glmjax.models.config import ModelConfig
+from glmjax.models.rotary import apply_rotary, rotary_angles
+from glmjax.sharding import LogicalAxes, constrain
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+def _param(
+    rngs: nnx.Rngs, init: str, shape: tuple[int, ...], axes: LogicalAxes, config: ModelConfig
+) -> nnx.Param:
+    dtype = jnp.dtype(config.param_dtype)
+    if init == "normal":
+        value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        raise ValueError(init)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm over the last axis, computed in fp32."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.eps = config.rms_norm_eps
+        self.scale = _param(rngs, "ones", (config.hidden_size,), ("norm",), config)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed.astype(x.dtype) * self.scale[...].astype(x.dtype))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Preallocated key/value cache for all layers.
+
+    Attributes:
+      k, v: [num_layers, batch, max_len, kv_heads, head_dim].
+      segment_ids: int32 [batch, max_len]; 0 = empty slot, else the segment of the token stored.
+      lengths: int32 [batch]; tokens stored per row (the next write index).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    lengths: jax.Array
+
+    @classmethod
+    def create(cls, config: ModelConfig, batch: int, max_len: int, dtype: Any | None = None) -> "KVCache":
+        dtype = jnp.dtype(config.compute_dtype if dtype is None else dtype)
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+            lengths=jnp.zeros((batch,), jnp.int32),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _AttentionInputs:
+    cos: jax.Array
+    sin: jax.Array
+    segment_ids: jax.Array | None
+    cache_segment_ids: jax.Array | None
+    cache_lengths: jax.Array | None
+
+
+def _write_rows(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """Writes new [batch, t, ...] into cache [batch, max_len, ...] at per-row offsets."""
+
+    def write(row_cache, row_new, start):
+        return jax.lax.dynamic_update_slice_in_dim(row_cache, row_new.astype(row_cache.dtype), start, 0)
+
+    return jax.vmap(write)(cache, new, starts)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary positions and q/k/v bias."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.config = config
+        e, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_kernel = _param(rngs, "normal", (e, n, h), ("embed", "heads", "head_dim"), config)
+        self.k_kernel = _param(rngs, "normal", (e, k, h), ("embed", "kv_heads", "head_dim"), config)
+        self.v_kernel = _param(rngs, "normal", (e, k, h), ("embed", "kv_heads", "head_dim"), config)
+        self.o_kernel = _param(rngs, "normal", (n, h, e), ("heads", "head_dim", "embed"), config)
+        if config.qkv_bias:
+            self.q_bias = _param(rngs, "zeros", (n, h), ("heads", "head_dim"), config)
+            self.k_bias = _param(rngs, "zeros", (k, h), ("kv_heads", "head_dim"), config)
+            self.v_bias = _param(rngs, "zeros", (k, h), ("kv_heads", "head_dim"), config)
+
+    def _project(self, x: jax.Array, name: str) -> jax.Array:
+        dtype = x.dtype
+        out = jnp.einsum("bte,enh->btnh", x, getattr(self, f"{name}_kernel")[...].astype(dtype))
+        if self.config.qkv_bias:
+            out = out + getattr(self, f"{name}_bias")[...].astype(dtype)
+        axes = "act_heads" if name == "q" else "act_kv_heads"
+        return constrain(out, ("act_batch", "act_seq", axes, "act_head_dim"))
+
+    def __call__(
+        self,
+        x: jax.Array,
+        inputs: _AttentionInputs,
+        cache_kv: tuple[jax.Array, jax.Array] | None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x: [batch, seq, embed] -> ([batch, seq, embed], updated (k, v) cache of this layer or None)."""
+        config = self.config
+        q = apply_rotary(self._project(x, "q"), inputs.cos, inputs.sin, interleaved=config.rope_interleaved)
+        k = apply_rotary(self._project(x, "k"), inputs.cos, inputs.sin, interleaved=config.rope_interleaved)
+        v = self._project(x, "v")
+        if cache_kv is None:
+            out = attention_lib.attend(
+                q, k, v,
+                q_segment_ids=inputs.segment_ids, kv_segment_ids=inputs.segment_ids,
+                q_offsets=None, backend=config.attention_backend,
+                sample_alpha=config.sample_attention_alpha,
+            )
+            new_cache = None
+        else:
+            cache_k = _write_rows(cache_kv[0], k, inputs.cache_lengths)
+            cache_v = _write_rows(cache_kv[1], v, inputs.cache_lengths)
+            q_seg = inputs.segment_ids if inputs.segment_ids is not None else jnp.ones(x.shape[:2], jnp.int32)
+            out = attention_lib.attend(
+                q, cache_k.astype(q.dtype), cache_v.astype(q.dtype),
+                q_segment_ids=q_seg, kv_segment_ids=inputs.cache_segment_ids,
+                q_offsets=inputs.cache_lengths, backend="xla",
+            )
+            new_cache = (cache_k, cache_v)
+        out = checkpoint_name(out, "attention_out")
+        projected = jnp.einsum("btnh,nhe->bte", out, self.o_kernel[...].astype(x.dtype))
+        return constrain(projected, ("act_batch", "act_seq", "act_embed")), new_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward with a fused gate/up projection."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        e, m = config.hidden_size, config.intermediate_size
+        self.gate_up_kernel = _param(rngs, "normal", (e, 2, m), ("embed", "gate_up", "mlp"), config)
+        self.down_kernel = _param(rngs, "normal", (m, e), ("mlp", "embed"), config)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate_up = jnp.einsum("bte,ecm->btcm", x, self.gate_up_kernel[...].astype(x.dtype))
+        hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+        hidden = constrain(hidden, ("act_batch", "act_seq", "act_mlp"))
+        out = jnp.einsum("btm,me->bte", hidden, self.down_kernel[...].astype(x.dtype))
+        return constrain(out, ("act_batch", "act_seq", "act_embed"))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block; GLM-4-0414 adds norms on the attention and MLP outputs."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.post_norms = config.post_norms
+        self.input_norm = RMSNorm(config, rngs)
+        self.attention = Attention(config, rngs)
+        self.post_attention_norm = RMSNorm(config, rngs)
+        self.mlp = MLP(config, rngs)
+        if config.post_norms:
+            self.post_self_attention_norm = RMSNorm(config, rngs)
+            self.post_mlp_norm = RMSNorm(config, rngs)
+
+    def __call__(self, x, inputs: _AttentionInputs, cache_kv=None):
+        attn_out, new_cache = self.attention(self.input_norm(x), inputs, cache_kv)
+        if self.post_norms:
+            attn_out = self.post_self_attention_norm(attn_out)
+        x = x + attn_out
+        mlp_out = self.mlp(self.post_attention_norm(x))
+        if self.post_norms:
+            mlp_out = self.post_mlp_norm(mlp_out)
+        return x + mlp_out, new_cache
+
+
+class Decoder(nnx.Module):
+    """Causal language model: embeddings, a scanned stack of decoder layers, final norm, LM head."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.config = config
+        self.embedding = _param(
+            rngs, "normal", (config.vocab_size, config.hidden_size), ("vocab", "embed"), config
+        )
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(
+            in_axes=(0,), out_axes=0,
+            transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
+        )
+        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(config, rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(config, rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = _param(
+                rngs, "normal", (config.hidden_size, config.vocab_size), ("embed", "vocab"), config
+            )
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """int [batch, seq] -> [batch, seq, embed] in the compute dtype."""
+        table = self.embedding[...].astype(jnp.dtype(self.config.compute_dtype))
+        return constrain(jnp.take(table, input_ids, axis=0), ("act_batch", "act_seq", "act_embed"))
+
+    def head_kernel(self) -> jax.Array:
+        """LM head as [embed, vocab] in the compute dtype (the embedding transposed when tied)."""
+        dtype = jnp.dtype(self.config.compute_dtype)
+        if self.config.tie_word_embeddings:
+            return self.embedding[...].astype(dtype).T
+        return self.lm_head[...].astype(dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-normed hidden [batch, seq, embed] -> logits [batch, seq, vocab] (compute dtype)."""
+        out = jnp.einsum("bte,ev->btv", hidden, self.head_kernel())
+        return constrain(out, ("act_batch", "act_seq", "act_vocab"))
+
+    def _run_layers(
+        self, x: jax.Array, inputs: _AttentionInputs, cache: KVCache | None
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, scanned):
+            layer_state, layer_cache = scanned
+            layer = nnx.merge(graphdef, layer_state)
+            out, new_cache = layer(carry, inputs, layer_cache)
+            return out, new_cache
+
+        policy = self.config.remat_policy
+        if policy != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[policy], prevent_cse=False)
+        layer_caches = None if cache is None else (cache.k, cache.v)
+        return jax.lax.scan(body, x, (state, layer_caches))
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-normed hidden states [batch, seq, embed] for a full (uncached) forward.
+
+        Args:
+          input_ids: int [batch, seq].
+          positions: int [batch, seq]; defaults to 0..seq-1 in every row.
+          segment_ids: int [batch, seq] for packed rows (0 = padding); None = one segment per row.
+        """
+        positions = _default_positions(input_ids) if positions is None else positions
+        cos, sin = rotary_angles(positions, self.config.rotary_dim, self.config.rope_theta)
+        inputs = _AttentionInputs(cos, sin, segment_ids, None, None)
+        x, _ = self._run_layers(self.embed(input_ids), inputs, None)
+        return self.final_norm(x)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits [batch, seq, vocab] for int ``input_ids`` [batch, seq] (causal)."""
+        return self.logits(self.hidden_states(input_ids, positions, segment_ids))
+
+    def forward_with_cache(
+        self,
+        input_ids: jax.Array,
+        cache: KVCache,
+        positions: jax.Array | None = None,
+        valid: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """Appends tokens to the cache and returns their logits (prefill or decode).
+
+        Args:
+          input_ids: int [batch, t], written at each row's ``cache.lengths`` offset.
+          cache: the cache; ``max_len`` must leave room for ``t`` more tokens per row.
+          positions: int [batch, t]; defaults to ``cache.lengths + arange(t)``.
+          valid: bool [batch, t]; False marks right-padding that is neither attended to nor
+            counted in ``lengths`` (defaults to all True).
+
+        Returns:
+          (logits [batch, t, vocab], updated cache).
+        """
+        batch, t = input_ids.shape
+        if positions is None:
+            positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+        valid = jnp.ones((batch, t), bool) if valid is None else valid
+        new_segments = valid.astype(jnp.int32)
+        cache_segment_ids = _write_rows(cache.segment_ids, new_segments, cache.lengths)
+        cos, sin = rotary_angles(positions, self.config.rotary_dim, self.config.rope_theta)
+        inputs = _AttentionInputs(cos, sin, new_segments, cache_segment_ids, cache.lengths)
+        x, (k, v) = self._run_layers(self.embed(input_ids), inputs, cache)
+        logits = self.logits(self.final_norm(x))
+        lengths = cache.lengths + valid.sum(axis=1).astype(jnp.int32)
+        return logits, KVCache(k=k, v=v, segment_ids=cache_segment_ids, lengths=lengths)
+
+
+def _default_positions(input_ids: jax.Array) -> jax.Array:
+    batch, seq = input_ids.shape
+    return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
