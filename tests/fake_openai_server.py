@@ -1,0 +1,193 @@
+"""A small scriptable OpenAI-compatible chat-completions server for tests.
+
+It listens on 127.0.0.1 on an ephemeral port.  Each request to
+``POST /v1/chat/completions`` takes the next scripted :class:`Behaviour` (a
+normal reply once the script is used up), and every request is logged::
+
+    with FakeOpenAIServer() as server:
+        server.script(Behaviour.error(500), Behaviour.slow(2.0))
+        client = OpenAIHTTPClient(server.base_url, "fake-model")
+        ...
+        assert len(server.requests) == 3
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import http.server
+import json
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class Behaviour:
+    """How to answer one request.
+
+    ``body=None`` means a normal completion whose text comes from the server's
+    ``reply`` function; otherwise ``body`` is sent verbatim with ``status``.
+    """
+
+    status: int = 200
+    body: str | None = None
+    delay_s: float = 0.0
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def normal(cls) -> Behaviour:
+        return cls()
+
+    @classmethod
+    def error(cls, status: int = 500, message: str = "internal error") -> Behaviour:
+        return cls(status=status, body=json.dumps({"error": {"message": message}}))
+
+    @classmethod
+    def slow(cls, delay_s: float) -> Behaviour:
+        """A normal reply sent only after ``delay_s`` seconds."""
+        return cls(delay_s=delay_s)
+
+    @classmethod
+    def malformed(cls, body: str = "<html>this is not json</html>") -> Behaviour:
+        return cls(body=body)
+
+    @classmethod
+    def missing_choices(cls) -> Behaviour:
+        return cls(body=json.dumps({"id": "x", "object": "chat.completion", "choices": []}))
+
+    @classmethod
+    def rate_limited(cls, retry_after_s: float = 0.0) -> Behaviour:
+        return cls(status=429, body=json.dumps({"error": {"message": "rate limited"}}),
+                   headers={"Retry-After": f"{retry_after_s:g}"})
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedRequest:
+    """One request as received: path, headers, parsed JSON body, arrival time."""
+
+    path: str
+    headers: dict[str, str]
+    body: Any
+    time: float
+
+
+def echo_reply(request: Mapping[str, Any]) -> str:
+    """Default reply: ``"echo: "`` + the last message's content."""
+    return "echo: " + str(request["messages"][-1]["content"])
+
+
+class FakeOpenAIServer:
+    """Threaded HTTP server answering chat completions as scripted (see module doc).
+
+    Args:
+      reply: maps the request JSON to the completion text of normal replies.
+    """
+
+    def __init__(self, reply: Callable[[Mapping[str, Any]], str] = echo_reply) -> None:
+        self.reply = reply
+        self.requests: list[RecordedRequest] = []
+        self.max_in_flight = 0
+        self._in_flight = 0
+        self._script: collections.deque[Behaviour] = collections.deque()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        """API root to give a client, e.g. ``http://127.0.0.1:54321/v1``."""
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def script(self, *behaviours: Behaviour) -> None:
+        """Queue behaviours for the next requests, in order."""
+        with self._lock:
+            self._script.extend(behaviours)
+
+    def start(self) -> FakeOpenAIServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; pending slow replies are abandoned."""
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    def __enter__(self) -> FakeOpenAIServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _next_behaviour(self, request: RecordedRequest) -> Behaviour:
+        with self._lock:
+            self.requests.append(request)
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+            return self._script.popleft() if self._script else Behaviour.normal()
+
+    def _finished(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def _completion(self, request: Any) -> str:
+        return json.dumps({
+            "id": f"chatcmpl-{len(self.requests)}",
+            "object": "chat.completion",
+            "model": request.get("model"),
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": self.reply(request)},
+                "finish_reason": "stop",
+            }],
+        })
+
+    def _handler_class(self) -> type[http.server.BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server naming
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = raw.decode("utf-8", "replace")
+                request = RecordedRequest(self.path, dict(self.headers), body, time.monotonic())
+                if self.path != "/v1/chat/completions":
+                    self._send(404, json.dumps({"error": {"message": f"no route {self.path}"}}))
+                    return
+                behaviour = server._next_behaviour(request)
+                try:
+                    if behaviour.delay_s and server._stopping.wait(behaviour.delay_s):
+                        return
+                    text = behaviour.body if behaviour.body is not None else (
+                        server._completion(body))
+                    self._send(behaviour.status, text, behaviour.headers)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # The client gave up (timeout); nothing to answer.
+                finally:
+                    server._finished()
+
+            def _send(self, status: int, text: str,
+                      headers: Mapping[str, str] | None = None) -> None:
+                data = text.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass  # Keep test output quiet.
+
+        return Handler

@@ -1,0 +1,168 @@
+"""Tests for the OpenAI-compatible HTTP client against a local fake server."""
+
+import socket
+import time
+
+import pytest
+from fake_openai_server import Behaviour, FakeOpenAIServer
+
+from glmjax.inference.llm_client import (
+    LLMClient,
+    LLMConnectionError,
+    LLMHTTPError,
+    LLMResponseError,
+    OpenAIHTTPClient,
+    SamplingParams,
+)
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAIServer() as fake:
+        yield fake
+
+
+def _client(server: FakeOpenAIServer, **overrides) -> OpenAIHTTPClient:
+    options = dict(timeout_s=1.0, max_retries=2, backoff_base_s=0.01, backoff_max_s=0.05,
+                   use_env_proxy=False)
+    options.update(overrides)
+    return OpenAIHTTPClient(server.base_url, "fake-model", **options)
+
+
+def test_interface_is_abstract():
+    with pytest.raises(TypeError):
+        LLMClient()
+    assert issubclass(OpenAIHTTPClient, LLMClient)
+
+
+def test_complete_sends_openai_request(server, monkeypatch):
+    monkeypatch.setenv("FAKE_API_KEY", "sk-test")
+    client = _client(server, api_key_env="FAKE_API_KEY")
+    assert client.complete(MESSAGES) == "echo: hi"
+    (request,) = server.requests
+    assert request.path == "/v1/chat/completions"
+    assert request.headers["Authorization"] == "Bearer sk-test"
+    assert request.body == {"model": "fake-model", "messages": MESSAGES, "max_tokens": 512,
+                            "temperature": 1.0, "top_p": 1.0}
+
+
+def test_sampling_parameters_are_sent_when_set(server):
+    client = _client(server, api_key="sk-direct")
+    sampling = SamplingParams(max_tokens=7, temperature=0.0, top_p=0.9, top_k=20, min_p=0.05,
+                              seed=123, stop=["\n\n", "</answer>"])
+    client.complete(MESSAGES, sampling)
+    body = server.requests[0].body
+    assert {k: body[k] for k in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+                                 "stop")} == {"max_tokens": 7, "temperature": 0.0, "top_p": 0.9,
+                                              "top_k": 20, "min_p": 0.05, "seed": 123,
+                                              "stop": ["\n\n", "</answer>"]}
+    assert server.requests[0].headers["Authorization"] == "Bearer sk-direct"
+
+
+def test_configuration_errors(monkeypatch):
+    monkeypatch.delenv("MISSING_KEY_VAR", raising=False)
+    with pytest.raises(ValueError, match="MISSING_KEY_VAR"):
+        OpenAIHTTPClient("http://127.0.0.1:1/v1", "m", api_key_env="MISSING_KEY_VAR")
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="stop"):
+        SamplingParams(stop=[""])
+    assert SamplingParams(stop=["a"]).stop == ("a",)
+
+
+def test_server_errors_are_retried(server):
+    server.script(Behaviour.error(500), Behaviour.error(503))
+    assert _client(server).complete(MESSAGES) == "echo: hi"
+    assert len(server.requests) == 3
+
+
+def test_persistent_server_errors_give_up(server):
+    server.script(*[Behaviour.error(502, "bad gateway")] * 5)
+    with pytest.raises(LLMHTTPError, match=r"HTTP 502.*bad gateway.*after 3 attempts") as info:
+        _client(server).complete(MESSAGES)
+    assert info.value.status == 502
+    assert len(server.requests) == 3
+
+
+def test_client_errors_are_not_retried(server):
+    server.script(Behaviour.error(400, "context length exceeded"))
+    with pytest.raises(LLMHTTPError, match="HTTP 400.*context length exceeded") as info:
+        _client(server).complete(MESSAGES)
+    assert info.value.status == 400 and not info.value.retryable
+    assert len(server.requests) == 1
+
+
+def test_rate_limit_honours_retry_after(server):
+    server.script(Behaviour.rate_limited(retry_after_s=0.3))
+    start = time.monotonic()
+    assert _client(server, backoff_max_s=1.0).complete(MESSAGES) == "echo: hi"
+    assert len(server.requests) == 2
+    assert server.requests[1].time - server.requests[0].time >= 0.3
+    assert time.monotonic() - start < 1.0
+
+
+def test_timeouts_are_retried(server):
+    server.script(Behaviour.slow(3.0))
+    start = time.monotonic()
+    assert _client(server, timeout_s=0.3).complete(MESSAGES) == "echo: hi"
+    assert time.monotonic() - start < 1.5
+    assert len(server.requests) == 2
+
+
+def test_persistent_timeouts_give_up(server):
+    server.script(*[Behaviour.slow(3.0)] * 3)
+    with pytest.raises(LLMConnectionError, match="timed out.*after 2 attempts"):
+        _client(server, timeout_s=0.2, max_retries=1).complete(MESSAGES)
+
+
+@pytest.mark.parametrize("behaviour, message", [
+    (Behaviour.malformed(), "is not JSON: '<html>this is not json</html>'"),
+    (Behaviour.missing_choices(), "has no choices"),
+    (Behaviour.malformed('{"choices": [{"message": {"content": null}}]}'), "no message text"),
+])
+def test_malformed_replies(server, behaviour, message):
+    server.script(behaviour)
+    assert _client(server).complete(MESSAGES) == "echo: hi"  # Retried once, then fine.
+    server.script(*[behaviour] * 3)
+    with pytest.raises(LLMResponseError, match=message):
+        _client(server).complete(MESSAGES)
+    assert len(server.requests) == 2 + 3
+
+
+def test_unreachable_server():
+    with socket.socket() as probe:  # A port nobody listens on.
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = OpenAIHTTPClient(f"http://127.0.0.1:{port}/v1/", "m", timeout_s=0.5, max_retries=1,
+                              backoff_base_s=0.01, use_env_proxy=False)
+    assert client.url == f"http://127.0.0.1:{port}/v1/chat/completions"
+    with pytest.raises(LLMConnectionError, match="Connection refused.*after 2 attempts"):
+        client.complete(MESSAGES)
+
+
+def test_batch_preserves_order_and_limits_concurrency(server):
+    server.script(*[Behaviour.slow(0.15 - 0.01 * i) for i in range(12)])
+    conversations = [[{"role": "user", "content": f"q{i}"}] for i in range(12)]
+    client = _client(server, max_concurrency=3)
+    assert client.complete_batch(conversations) == [f"echo: q{i}" for i in range(12)]
+    assert server.max_in_flight == 3
+    assert client.complete_batch([]) == []
+
+
+def test_batch_retries_individual_failures(server):
+    server.script(Behaviour.error(500), Behaviour.malformed(), Behaviour.rate_limited())
+    conversations = [[{"role": "user", "content": f"q{i}"}] for i in range(5)]
+    assert _client(server, max_concurrency=2).complete_batch(conversations) == [
+        f"echo: q{i}" for i in range(5)]
+    assert len(server.requests) == 8
+
+
+def test_batch_failure_reports_index_and_cancels_the_rest(server):
+    server.script(Behaviour.normal(), Behaviour.error(400, "bad request"))
+    conversations = [[{"role": "user", "content": f"q{i}"}] for i in range(8)]
+    with pytest.raises(LLMHTTPError, match="HTTP 400") as info:
+        _client(server, max_concurrency=1).complete_batch(conversations)
+    assert info.value.batch_index == 1
+    assert len(server.requests) <= 3
