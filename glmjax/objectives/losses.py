@@ -1,0 +1,108 @@
+"""Pure loss functions."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def chunked_cross_entropy(
+    hidden: jax.Array,
+    head_kernel: jax.Array,
+    targets: jax.Array,
+    *,
+    chunk_size: int = 512,
+    z_loss: float = 0.0,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token next-token cross-entropy without materialising all logits in fp32.
+
+    The sequence is cut into chunks; each chunk's logits are computed, reduced and dropped.
+    The backward pass (a custom VJP) recomputes one chunk's logits at a time from the saved
+    log-partition function and forms the logit gradient ``softmax - one_hot`` directly, so
+    at most [batch, chunk_size, vocab] fp32 logits exist at a time.
+
+    Args:
+      hidden: [batch, seq, embed] final-normed hidden states.
+      head_kernel: [embed, vocab] LM head.
+      targets: int [batch, seq] target token ids.
+      chunk_size: tokens per chunk along the sequence (clipped to seq; seq is padded up).
+      z_loss: coefficient of the log(Z)^2 auxiliary loss (0 disables it).
+
+    Returns:
+      (loss [batch, seq] fp32 in nats including z-loss, correct [batch, seq] bool: argmax == target).
+    """
+    batch, seq, embed = hidden.shape
+    chunk = min(chunk_size, seq)
+    pad = (-seq) % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    num_chunks = (seq + pad) // chunk
+    hidden_chunks = hidden.reshape(batch, num_chunks, chunk, embed).swapaxes(0, 1)
+    target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1).astype(jnp.int32)
+    losses, correct = _chunked_loss(hidden_chunks, head_kernel, target_chunks, z_loss)
+    losses = losses.swapaxes(0, 1).reshape(batch, -1)[:, :seq]
+    correct = correct.swapaxes(0, 1).reshape(batch, -1)[:, :seq]
+    return losses, correct
+
+
+def _logits(h: jax.Array, kernel: jax.Array) -> jax.Array:
+    """[b, c, e] x [e, v] -> fp32 [b, c, v]."""
+    return jnp.einsum("bce,ev->bcv", h, kernel, preferred_element_type=jnp.float32)
+
+
+def _is_target(logits: jax.Array, t: jax.Array) -> jax.Array:
+    """bool [b, c, v]: the vocabulary entry is the target (an iota compare XLA fuses)."""
+    return jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t[..., None]
+
+
+def _chunk_forward(h: jax.Array, kernel: jax.Array, t: jax.Array, z_loss: float):
+    """(loss, correct, log_z) of one chunk, each [b, c]."""
+    logits = _logits(h, kernel)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.sum(jnp.where(_is_target(logits, t), logits, 0.0), axis=-1)
+    loss = log_z - target_logit + z_loss * jnp.square(log_z)
+    correct = jnp.argmax(logits, axis=-1) == t
+    return loss, correct, log_z
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked_loss(hidden_chunks, kernel, target_chunks, z_loss):
+    """hidden_chunks [n, b, c, e], targets [n, b, c] -> (loss, correct), each [n, b, c]."""
+    return _chunked_loss_fwd(hidden_chunks, kernel, target_chunks, z_loss)[0]
+
+
+def _chunked_loss_fwd(hidden_chunks, kernel, target_chunks, z_loss):
+    loss, correct, log_z = jax.lax.map(
+        lambda a: _chunk_forward(a[0], kernel, a[1], z_loss), (hidden_chunks, target_chunks)
+    )
+    return (loss, correct), (hidden_chunks, kernel, target_chunks, log_z)
+
+
+def _chunked_loss_bwd(z_loss, residuals, cotangents):
+    hidden_chunks, kernel, target_chunks, log_z = residuals
+    loss_cotangent = cotangents[0].astype(jnp.float32)
+
+    def chunk_grad(kernel_grad, inputs):
+        h, t, lz, g = inputs
+        logits = _logits(h, kernel)
+        # d(loss)/d(logits) = softmax * (1 + 2 z log_z) - one_hot(target)
+        probs = jnp.exp(logits - lz[..., None]) * (1.0 + 2.0 * z_loss * lz)[..., None]
+        logit_grad = (g[..., None] * (probs - _is_target(logits, t))).astype(h.dtype)
+        h_grad = jnp.einsum("bcv,ev->bce", logit_grad, kernel, preferred_element_type=jnp.float32)
+        kernel_grad = kernel_grad + jnp.einsum(
+            "bce,bcv->ev", h, logit_grad, preferred_element_type=jnp.float32
+        )
+        return kernel_grad, h_grad.astype(h.dtype)
+
+    kernel_grad, hidden_grad = jax.lax.scan(
+        chunk_grad,
+        jnp.zeros(kernel.shape, jnp.float32),
+        (hidden_chunks, target_chunks, log_z, loss_cotangent),
+    )
+    return hidden_grad, kernel_grad.astype(kernel.dtype), None
+
+
+_chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)

@@ -1,0 +1,138 @@
+"""Orbax checkpoints of the train state together with the data-iterator state."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from glmjax.checkpoints.hf_config import CheckpointError
+from glmjax.checkpoints.orbax_io import config_to_json
+from glmjax.models.config import ModelConfig
+from glmjax.training.state import TrainState
+
+# Config fields that change the parameter shapes or meaning; the rest (dtypes, remat,
+# attention backend) may differ between a run and its resumption.
+_ARCHITECTURE_FIELDS = (
+    "architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+    "num_kv_heads", "head_dim", "qkv_bias", "tie_word_embeddings",
+)
+
+
+class _IteratorSnapshot:
+    """The data-iterator state frozen at save time (async saves must not see later batches)."""
+
+    def __init__(self, state: dict):
+        self._encoded = json.dumps(state, indent=1).encode()
+
+    def get_state(self) -> bytes:
+        return self._encoded
+
+
+def check_model_config(model_dir: str, config: ModelConfig) -> None:
+    """Records the model config in ``model_dir``, or checks it against the recorded one.
+
+    Raises:
+      CheckpointError: the directory holds a run of a different architecture (names the fields).
+    """
+    path = os.path.join(model_dir, "model_config.json")
+    current = config_to_json(config)
+    if os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f)
+        differing = [
+            f"{k}: checkpoint {recorded.get(k)!r} vs config {current[k]!r}"
+            for k in _ARCHITECTURE_FIELDS
+            if recorded.get(k) != current[k]
+        ]
+        if differing:
+            raise CheckpointError(
+                f"{path}: MODEL_DIR holds a run of another model config ({'; '.join(differing)}); "
+                "use a new MODEL_DIR"
+            )
+    elif jax.process_index() == 0:
+        os.makedirs(model_dir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(current, f, indent=2)
+
+
+class Checkpointer:
+    """Keeps the last ``keep`` checkpoints under ``directory``; saves are asynchronous."""
+
+    def __init__(self, directory: str, keep: int = 3):
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(directory),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState, data_iterator: Any, *, step: int) -> None:
+        args = {"state": ocp.args.StandardSave(dataclasses.asdict(state))}
+        if data_iterator is not None:
+            args["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator.get_state()))
+        self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def restore(self, abstract_state: TrainState, data_iterator: Any, step: int | None = None) -> TrainState:
+        """Restores into ``abstract_state``'s shapes and shardings (ShapeDtypeStructs), and the
+        data iterator in place.
+
+        Raises:
+          CheckpointError: the stored arrays do not match the abstract state.
+        """
+        step = self.manager.latest_step() if step is None else step
+        args = {"state": ocp.args.StandardRestore(dataclasses.asdict(abstract_state))}
+        if data_iterator is not None:
+            args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(
+                f"{self.manager.directory}/{step}: checkpoint does not match the current config: {err}"
+            ) from err
+        return TrainState(**restored["state"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class TerminationFlag:
+    """Set by SIGTERM (and SIGINT) so the loop can save and exit cleanly at a step boundary.
+
+    In multi-process runs the flag is shared with ``any_process_requested`` so all processes
+    stop at the same step.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        del frame
+        self.requested = True
+
+    def any_process_requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+        import numpy as np
+
+        flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+        return bool(np.max(flags))
+
+    def restore_handlers(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

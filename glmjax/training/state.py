@@ -1,0 +1,106 @@
+"""Train state and its shardings."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from glmjax import sharding as sharding_lib
+from glmjax.models.config import ModelConfig
+from glmjax.models.decoder import Decoder
+from glmjax.models.params import abstract_model, state_shardings
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything a step reads and writes.
+
+    Attributes:
+      step: int32 scalar, optimiser steps taken.
+      params: nested dict of parameter arrays (``nnx.to_pure_dict`` of the model).
+      opt_state: optax state.
+      rng: uint32 [2] raw PRNG key data (dropout-free models use it for objectives that sample).
+      extra: the objective's state (reference model, anchor, ...), or None.
+    """
+
+    step: jax.Array
+    params: dict
+    opt_state: Any
+    rng: jax.Array
+    extra: Any = None
+
+
+def model_graph(config: ModelConfig) -> tuple[nnx.GraphDef, dict]:
+    """(graphdef of the decoder, its parameters as a nested dict of ShapeDtypeStructs)."""
+    graphdef, abstract_state = nnx.split(abstract_model(config))
+    return graphdef, nnx.to_pure_dict(abstract_state)
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh, rules: sharding_lib.AxisRules | None = None) -> dict:
+    """Nested dict of ``NamedSharding`` for the parameters, from their logical axes."""
+    _, abstract_state = nnx.split(abstract_model(config))
+    return nnx.to_pure_dict(state_shardings(abstract_state, mesh, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: dict, shardings: dict, mesh: Mesh):
+    """Optimizer-state shardings: parameter-shaped entries follow their parameter, the rest
+    (counts, scalars) are replicated."""
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    return optax.tree_map_params(
+        tx, lambda _, sharding: sharding, abstract_opt, shardings,
+        transform_non_params=lambda _: replicated(mesh),
+    )
+
+
+def train_state_shardings(
+    tx: optax.GradientTransformation, config: ModelConfig, mesh: Mesh, extra: Any = None,
+    rules: sharding_lib.AxisRules | None = None,
+) -> TrainState:
+    """A TrainState-shaped tree of shardings."""
+    _, abstract_params = model_graph(config)
+    shardings = param_shardings(config, mesh, rules)
+    return TrainState(
+        step=replicated(mesh),
+        params=shardings,
+        opt_state=opt_state_shardings(tx, abstract_params, shardings, mesh),
+        rng=replicated(mesh),
+        extra=jax.tree.map(lambda x: x.sharding, extra),
+    )
+
+
+def init_train_state(
+    config: ModelConfig,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    seed: int,
+    shardings: TrainState,
+    params: dict | None = None,
+    extra: Any = None,
+) -> TrainState:
+    """A fresh state: random parameters (or ``params``, e.g. from an HF checkpoint) placed by
+    ``shardings``, zero optimiser state, step 0."""
+
+    def init(params, extra):
+        if params is None:
+            params = nnx.to_pure_dict(nnx.state(Decoder(config, nnx.Rngs(params=seed)), nnx.Param))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(seed + 1)),
+            extra=extra,
+        )
+
+    with jax.set_mesh(mesh):
+        return jax.jit(init, out_shardings=shardings)(params, extra)
