@@ -111,3 +111,17 @@ def test_schedules(kind):
         assert float(schedule(90)) == pytest.approx(0.55)
     else:
         assert 0.1 < float(schedule(55)) < 1.0
+
+
+def test_init_from_hf_checkpoint(tmp_path, data_factory):
+    import glmjax
+    from glmjax.models import create_model
+
+    glmjax.save_pretrained(create_model(CONFIG, seed=5), str(tmp_path / "hf"))
+    from_hf = _train(tmp_path, "from_hf", data_factory, seed=5, init_from_hf=str(tmp_path / "hf"),
+                     mesh_shape=(-1, 1, 1, 1))
+    random_init = _train(tmp_path, "random", data_factory, seed=5, mesh_shape=(-1, 1, 1, 1))
+    np.testing.assert_allclose([from_hf[s] for s in (1, 2, 3)], [random_init[s] for s in (1, 2, 3)], rtol=1e-6)
+    with pytest.raises(ValueError, match="hidden_size=128 but the run's model config has 64"):
+        _train(tmp_path, "mismatch", data_factory, init_from_hf=str(tmp_path / "hf"),
+               model_config=CONFIG.replace(hidden_size=64), mesh_shape=(-1, 1, 1, 1))

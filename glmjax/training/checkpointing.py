@@ -10,7 +10,9 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from glmjax.checkpoints.hf_config import CheckpointError
 from glmjax.checkpoints.orbax_io import config_to_json
@@ -127,9 +129,6 @@ class TerminationFlag:
     def any_process_requested(self) -> bool:
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
-        import numpy as np
-
         flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
         return bool(np.max(flags))
 

@@ -260,12 +260,11 @@ def _initial_params(hf_dir: str | None, orbax_dir: str | None, config: ModelConf
         from glmjax.checkpoints.orbax_io import load_model
 
         model = load_model(orbax_dir, mesh=mesh, param_dtype=config.param_dtype)
-    loaded = {k: v for k, v in dataclasses.asdict(model.config).items()}
     for field in ("architecture", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
-        if loaded[field] != getattr(config, field):
+        if getattr(model.config, field) != getattr(config, field):
             raise ValueError(
-                f"initial checkpoint {hf_dir or orbax_dir}: {field}={loaded[field]!r} but the run's "
-                f"model config has {getattr(config, field)!r}"
+                f"initial checkpoint {hf_dir or orbax_dir}: {field}={getattr(model.config, field)!r} "
+                f"but the run's model config has {getattr(config, field)!r}"
             )
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
