@@ -1,0 +1,180 @@
+"""The chat and tool-calling loop: generate a turn, run a tool call, append the observation, repeat.
+
+Each round renders the conversation with the GLM-4 template (tool specs in the system turn),
+generates one assistant turn until a stop token and parses it (``parse_assistant_output``):
+
+* a plain reply ends the loop with that answer;
+* a tool call ``{name}\\n{JSON arguments}`` is appended as an assistant message with
+  ``tool_calls``, run through the ``ToolRegistry`` (whose errors come back as ``"Error: ..."``
+  observations), and its result appended as an ``observation`` message; then the next round.
+
+The loop also ends when a turn runs out of tokens ("length"), when a turn is neither a reply nor a
+well-formed tool call ("format_error"; the raw text is kept as the assistant's content), or after
+``max_turns`` generated turns ("max_turns"). :func:`run_chats` steps many conversations in
+lockstep, one engine batch per round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+from transformers import PreTrainedTokenizerBase
+
+from glmjax.data.chat_template import ChatFormatError, parse_assistant_output
+from glmjax.inference.engine import GenerationEngine
+from glmjax.inference.llm_client import SamplingParams
+from glmjax.inference.local_client import LocalEngineClient
+from glmjax.inference.tools import ToolRegistry
+
+ChatFinish = Literal["answer", "length", "format_error", "max_turns"]
+NO_TOOLS_OBSERVATION = "Error: no tools are available in this conversation"
+
+
+@dataclasses.dataclass
+class ChatResult:
+    """The outcome of one conversation.
+
+    Attributes:
+      messages: the input messages plus every assistant and observation message added.
+      answer: the final plain reply, or None when the loop ended otherwise.
+      finish_reason: "answer", "length", "format_error" or "max_turns" (module docstring).
+      turns: assistant turns generated.
+      error: the parse error for "format_error", else None.
+    """
+
+    messages: list[dict[str, Any]]
+    answer: str | None
+    finish_reason: ChatFinish
+    turns: int
+    error: str | None = None
+
+
+def _as_client(model: GenerationEngine | LocalEngineClient,
+               tokenizer: PreTrainedTokenizerBase | None) -> LocalEngineClient:
+    if isinstance(model, LocalEngineClient):
+        return model
+    if tokenizer is None:
+        raise ValueError("a tokenizer is needed to chat with a GenerationEngine")
+    return LocalEngineClient(model, tokenizer)
+
+
+def run_chats(
+    model: GenerationEngine | LocalEngineClient,
+    tokenizer: PreTrainedTokenizerBase | None,
+    conversations: Sequence[Sequence[Mapping[str, Any]]],
+    tools: ToolRegistry | None = None,
+    sampling: SamplingParams | None = None,
+    max_turns: int = 8,
+    on_message: Callable[[int, dict[str, Any]], None] | None = None,
+) -> list[ChatResult]:
+    """Runs the tool-calling loop for every conversation, batching each round.
+
+    Args:
+      model: a ``GenerationEngine`` (with ``tokenizer``) or a ``LocalEngineClient``.
+      tokenizer: GLM-4 tokenizer; unused when ``model`` is a client.
+      conversations: message lists, each ending where the assistant should answer.
+      tools: the tools offered to the model (None: none; a tool call then gets an error
+        observation).
+      sampling: generation settings per turn (default ``SamplingParams()``).
+      max_turns: most assistant turns per conversation.
+      on_message: called as ``on_message(conversation_index, message)`` for each added message.
+
+    Returns:
+      One ``ChatResult`` per conversation, in order.
+    """
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+    client = _as_client(model, tokenizer)
+    specs = tools.specs() if tools is not None and tools.names else None
+    states = [ChatResult([dict(m) for m in c], None, "max_turns", 0) for c in conversations]
+    active = list(range(len(states)))
+
+    def add(index: int, message: dict[str, Any]) -> None:
+        states[index].messages.append(message)
+        if on_message is not None:
+            on_message(index, message)
+
+    while active:
+        turns = client.assistant_turns([states[i].messages for i in active], sampling, tools=specs)
+        still_active = []
+        for index, turn in zip(active, turns):
+            state = states[index]
+            state.turns += 1
+            if turn.finish_reason == "length":
+                add(index, {"role": "assistant", "content": turn.text})
+                state.finish_reason = "length"
+                continue
+            try:
+                parsed = parse_assistant_output(turn.text)
+            except ChatFormatError as err:
+                add(index, {"role": "assistant", "content": turn.text})
+                state.finish_reason, state.error = "format_error", str(err)
+                continue
+            if "content" in parsed:
+                add(index, {"role": "assistant", "content": parsed["content"]})
+                state.answer, state.finish_reason = parsed["content"], "answer"
+                continue
+            name, arguments = parsed["tool_call"], parsed["arguments"]
+            add(index, {"role": "assistant", "content": "",
+                        "tool_calls": [{"function": {"name": name, "arguments": arguments}}]})
+            observation = tools.call(name, arguments) if specs else NO_TOOLS_OBSERVATION
+            add(index, {"role": "observation", "content": observation})
+            if state.turns < max_turns:
+                still_active.append(index)
+        active = still_active
+    return states
+
+
+def run_chat(
+    model: GenerationEngine | LocalEngineClient,
+    tokenizer: PreTrainedTokenizerBase | None,
+    messages: Sequence[Mapping[str, Any]],
+    tools: ToolRegistry | None = None,
+    sampling: SamplingParams | None = None,
+    max_turns: int = 8,
+    on_message: Callable[[int, dict[str, Any]], None] | None = None,
+) -> ChatResult:
+    """:func:`run_chats` for one conversation."""
+    return run_chats(model, tokenizer, [messages], tools, sampling, max_turns, on_message)[0]
+
+
+class ChatSession:
+    """A conversation kept across user messages (interactive chat).
+
+    Args:
+      model, tokenizer, tools, sampling, max_turns, on_message: as for :func:`run_chats`.
+      system: optional system prompt that starts the conversation.
+    """
+
+    def __init__(
+        self,
+        model: GenerationEngine | LocalEngineClient,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        tools: ToolRegistry | None = None,
+        system: str | None = None,
+        sampling: SamplingParams | None = None,
+        max_turns: int = 8,
+        on_message: Callable[[int, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self._client = _as_client(model, tokenizer)
+        self._system = system
+        self.tools = tools
+        self.sampling = sampling
+        self.max_turns = max_turns
+        self.on_message = on_message
+        self.messages: list[dict[str, Any]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything but the system prompt."""
+        self.messages = [{"role": "system", "content": self._system}] if self._system else []
+
+    def send(self, text: str) -> ChatResult:
+        """Adds a user message, runs the tool loop, and keeps the resulting messages."""
+        result = run_chat(self._client, None, [*self.messages, {"role": "user", "content": text}],
+                          self.tools, self.sampling, self.max_turns, self.on_message)
+        self.messages = result.messages
+        return result

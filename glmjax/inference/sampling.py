@@ -1,0 +1,143 @@
+"""Next-token selection on fp32 logits: greedy, temperature, top-k, top-p (nucleus), min-p.
+
+Processing order (that of Hugging Face ``generate``): logits / temperature -> top-k -> top-p ->
+min-p, then a draw from the softmax of what is left (``jax.random.categorical``, i.e. Gumbel-max).
+Filtered tokens get ``-inf`` and can never be drawn. Ties at a threshold are all kept (a top-k
+of 2 over logits ``[3, 1, 1]`` keeps all three), as in transformers.
+
+Log-probabilities (``logprob_mode``):
+
+* ``"processed"`` (default, what vLLM's ``processed_logprobs`` and TRL report for sampling): the
+  log-softmax of the distribution actually sampled from, after temperature and filters. Summed
+  over a completion it is the log-probability of drawing that completion.
+* ``"raw"``: the log-softmax of the unmodified model logits (what a trainer's forward pass at
+  temperature 1 computes).
+
+Greedy decoding (``temperature == 0``) has no sampling distribution; it always reports the raw
+log-softmax, in both modes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from glmjax.inference.llm_client import SamplingParams
+
+LogprobMode = Literal["processed", "raw"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each next token.
+
+    Attributes:
+      temperature: softmax temperature; 0 selects greedy decoding (argmax; filters unused).
+      top_k: keep the k most likely tokens (0 disables it). Part of the compiled shape: each
+        distinct value compiles once.
+      top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``
+        (1.0 disables it).
+      min_p: drop tokens whose probability is below ``min_p`` times the top probability
+        (0 disables it).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_params(cls, params: SamplingParams) -> "SamplingConfig":
+        """The token-selection part of an ``LLMClient`` ``SamplingParams``."""
+        return cls(params.temperature, params.top_k, params.top_p, params.min_p)
+
+    def static_key(self) -> tuple[bool, int, bool]:
+        """What changes the compiled program: (greedy, top_k, top-p enabled)."""
+        return (self.greedy, 0 if self.greedy else self.top_k, not self.greedy and self.top_p < 1.0)
+
+    def dynamic_values(self) -> jax.Array:
+        """fp32 [3]: (temperature, top_p, min_p), passed to compiled code as data."""
+        temperature = 1.0 if self.greedy else self.temperature
+        return jnp.asarray([temperature, self.top_p, self.min_p], jnp.float32)
+
+
+def process_logits(
+    logits: jax.Array, values: jax.Array, *, top_k: int, use_top_p: bool
+) -> jax.Array:
+    """Applies temperature, top-k, top-p and min-p.
+
+    Args:
+      logits: fp32 [batch, vocab].
+      values: fp32 [3] = (temperature > 0, top_p, min_p), see ``SamplingConfig.dynamic_values``.
+      top_k: static; 0 disables top-k.
+      use_top_p: static; False skips the sort that top-p needs.
+
+    Returns:
+      fp32 [batch, vocab]; removed tokens are ``-inf``.
+    """
+    temperature, top_p, min_p = values[0], values[1], values[2]
+    x = logits.astype(jnp.float32) / temperature
+    if top_k:
+        kept = jax.lax.top_k(x, min(top_k, x.shape[-1]))[0]  # [batch, k], descending
+        x = jnp.where(x < kept[:, -1:], -jnp.inf, x)
+    if use_top_p:
+        # The top-k values are already sorted and are all that survive; otherwise sort everything.
+        ordered = kept if top_k else -jnp.sort(-x, axis=-1)
+        probs = jax.nn.softmax(ordered, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the strictly better tokens
+        keep_count = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
+        threshold = jnp.take_along_axis(ordered, keep_count - 1, axis=-1)
+        x = jnp.where(x < threshold, -jnp.inf, x)
+    probs = jax.nn.softmax(x, axis=-1)
+    return jnp.where(probs < min_p * probs.max(axis=-1, keepdims=True), -jnp.inf, x)
+
+
+def select_tokens(
+    logits: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    *,
+    greedy: bool,
+    top_k: int,
+    use_top_p: bool,
+    logprob_mode: LogprobMode,
+) -> tuple[jax.Array, jax.Array]:
+    """Picks one token per row.
+
+    Args:
+      logits: [batch, vocab] (any float dtype; computed in fp32).
+      keys: PRNG keys [batch], one per row, so a row's draw does not depend on the others
+        (unused when ``greedy``).
+      values, top_k, use_top_p: see :func:`process_logits`; ``greedy`` = argmax of the raw logits.
+      logprob_mode: "processed" or "raw" (module docstring).
+
+    Returns:
+      (tokens int32 [batch], logprobs fp32 [batch]).
+    """
+    logits = logits.astype(jnp.float32)
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    if greedy:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        chosen = raw_logprobs
+    else:
+        processed = process_logits(logits, values, top_k=top_k, use_top_p=use_top_p)
+        tokens = jax.vmap(jax.random.categorical)(keys, processed).astype(jnp.int32)
+        chosen = jax.nn.log_softmax(processed, axis=-1) if logprob_mode == "processed" else raw_logprobs
+    return tokens, jnp.take_along_axis(chosen, tokens[:, None], axis=-1)[:, 0]

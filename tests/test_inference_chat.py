@@ -1,0 +1,154 @@
+"""Chat and tool-calling loop with a scripted engine, and the local LLMClient."""
+
+import json
+
+import pytest
+
+from glmjax.data.chat_template import ChatFormatError, parse_assistant_output, render_messages
+from glmjax.data.tokenizer import default_tokenizer
+from glmjax.inference.chat import NO_TOOLS_OBSERVATION, ChatSession, run_chat, run_chats
+from glmjax.inference.engine import GenerationResult
+from glmjax.inference.llm_client import LLMClientError, SamplingParams
+from glmjax.inference.local_client import LocalEngineClient
+from glmjax.inference.tools import ToolRegistry
+
+
+class ScriptedEngine:
+    """Stands in for ``GenerationEngine``: replies with scripted texts and records its prompts."""
+
+    def __init__(self, tokenizer, script: list[str], stop: str = "<|user|>"):
+        self.tokenizer = tokenizer
+        self.script = list(script)
+        self.stop_id = tokenizer.convert_tokens_to_ids(stop)
+        self.prompts: list[str] = []
+        self.calls: list[dict] = []
+
+    def generate(self, prompts, sampling, max_new_tokens, stop_token_ids, seed):
+        self.calls.append(dict(sampling=sampling, max_new_tokens=max_new_tokens,
+                               stop_token_ids=list(stop_token_ids), seed=seed))
+        results = []
+        for prompt in prompts:
+            self.prompts.append(self.tokenizer.decode(prompt, skip_special_tokens=False))
+            tokens = self.tokenizer.encode(self.script.pop(0), add_special_tokens=False)
+            if len(tokens) >= max_new_tokens:
+                results.append(GenerationResult(tokens[:max_new_tokens], [-1.0] * max_new_tokens, "length"))
+            else:
+                tokens.append(self.stop_id)
+                results.append(GenerationResult(tokens, [-0.5] * len(tokens), "stop"))
+        return results
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return default_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture
+def calculator():
+    registry = ToolRegistry()
+
+    @registry.register
+    def add(a: int, b: int) -> int:
+        """Adds two integers."""
+        return a + b
+
+    return registry
+
+
+def test_tool_call_observation_then_answer(tokenizer, calculator):
+    engine = ScriptedEngine(tokenizer, ['add\n{"a": 17, "b": 25}', "\nThe sum is 42."])
+    seen = []
+    result = run_chat(engine, tokenizer, [{"role": "user", "content": "What is 17 + 25?"}],
+                      tools=calculator, sampling=SamplingParams(temperature=0.0, max_tokens=64, seed=3),
+                      on_message=lambda index, message: seen.append((index, message["role"])))
+    assert result.finish_reason == "answer" and result.answer == "The sum is 42." and result.turns == 2
+    assert [m["role"] for m in result.messages] == ["user", "assistant", "observation", "assistant"]
+    call = {"function": {"name": "add", "arguments": {"a": 17, "b": 25}}}
+    assert result.messages[1]["tool_calls"] == [call]
+    assert result.messages[2]["content"] == "42"
+    assert seen == [(0, "assistant"), (0, "observation"), (0, "assistant")]
+    # First prompt: tool spec in the system turn, then a generation prompt.
+    assert engine.prompts[0] == render_messages(result.messages[:1], add_generation_prompt=True,
+                                                tools=calculator.specs())
+    assert "## add" in engine.prompts[0] and engine.prompts[0].endswith("<|assistant|>")
+    # Second prompt: the tool call and its observation, rendered in the GLM-4 format.
+    assert engine.prompts[1].endswith('<|assistant|>add\n{"a": 17, "b": 25}<|observation|>\n42<|assistant|>')
+    # Sampling settings and the chat stop tokens reach the engine.
+    stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|user|>", "<|observation|>", "<|endoftext|>")]
+    assert engine.calls[0]["stop_token_ids"] == stop_ids
+    assert engine.calls[0]["max_new_tokens"] == 64 and engine.calls[0]["seed"] == 3
+    assert engine.calls[0]["sampling"].greedy
+
+
+def test_tool_errors_go_back_to_the_model(tokenizer, calculator):
+    engine = ScriptedEngine(tokenizer, ['add\n{"a": 1}', 'mul\n{"a": 1, "b": 2}', "\nI give up."])
+    result = run_chat(engine, tokenizer, [{"role": "user", "content": "1+?"}], tools=calculator)
+    observations = [m["content"] for m in result.messages if m["role"] == "observation"]
+    assert observations[0].startswith("Error: bad arguments for tool 'add': missing required argument(s): b")
+    assert observations[1].startswith("Error: unknown tool 'mul'; available tools: add")
+    assert result.answer == "I give up."
+
+
+def test_loop_endings(tokenizer, calculator):
+    # max_turns: the model keeps calling tools.
+    engine = ScriptedEngine(tokenizer, ['add\n{"a": 1, "b": 1}'] * 2)
+    result = run_chat(engine, tokenizer, [{"role": "user", "content": "loop"}], tools=calculator, max_turns=2)
+    assert (result.finish_reason, result.turns, result.answer) == ("max_turns", 2, None)
+    assert result.messages[-1] == {"role": "observation", "content": "2"}
+    # A turn that is neither a reply nor a tool call.
+    engine = ScriptedEngine(tokenizer, ["add {not json"])
+    result = run_chat(engine, tokenizer, [{"role": "user", "content": "?"}], tools=calculator)
+    assert result.finish_reason == "format_error" and "neither a reply" in result.error
+    assert result.messages[-1] == {"role": "assistant", "content": "add {not json"}
+    # Out of tokens.
+    engine = ScriptedEngine(tokenizer, ["\n" + "long answer " * 20])
+    result = run_chat(engine, tokenizer, [{"role": "user", "content": "?"}],
+                      sampling=SamplingParams(max_tokens=5))
+    assert result.finish_reason == "length" and result.answer is None
+    # A tool call with no tools offered.
+    engine = ScriptedEngine(tokenizer, ['add\n{"a": 1, "b": 1}', "\nok"])
+    result = run_chat(engine, tokenizer, [{"role": "user", "content": "?"}])
+    assert result.messages[2]["content"] == NO_TOOLS_OBSERVATION and result.answer == "ok"
+    assert "# Available tools" not in engine.prompts[0]
+
+
+def test_batched_conversations_step_in_lockstep(tokenizer, calculator):
+    # Round 1 serves both conversations; round 2 only the one that called a tool.
+    engine = ScriptedEngine(tokenizer, ['add\n{"a": 2, "b": 3}', "\nHello!", "\n5"])
+    results = run_chats(engine, tokenizer, [[{"role": "user", "content": "2+3"}],
+                                            [{"role": "user", "content": "hi"}]], tools=calculator)
+    assert [r.answer for r in results] == ["5", "Hello!"]
+    assert [r.turns for r in results] == [2, 1]
+
+
+def test_chat_session_keeps_history(tokenizer):
+    engine = ScriptedEngine(tokenizer, ["\nHi there.", "\nYou said hello."])
+    session = ChatSession(LocalEngineClient(engine, tokenizer), system="Be brief.")
+    assert session.send("hello").answer == "Hi there."
+    assert session.send("what did I say?").answer == "You said hello."
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert engine.prompts[1].startswith(
+        "[gMASK]<sop><|system|>\nBe brief.<|user|>\nhello<|assistant|>\nHi there.<|user|>")
+    session.reset()
+    assert session.messages == [{"role": "system", "content": "Be brief."}]
+
+
+def test_local_client_complete_and_stop_strings(tokenizer):
+    engine = ScriptedEngine(tokenizer, ["\nAnswer: 7. Done", 'add\n{"a": 1, "b": 2}', "\nplain"])
+    client = LocalEngineClient(engine, tokenizer)
+    assert client.complete([{"role": "user", "content": "?"}], SamplingParams(stop=(". ",))) == "Answer: 7"
+    texts = client.complete_batch([[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]])
+    assert texts == ['add\n{"a": 1, "b": 2}', "plain"]
+    with pytest.raises(LLMClientError, match="conversation 1: message 0: missing field 'role'") as info:
+        client.complete_batch([[{"role": "user", "content": "a"}], [{"content": "b"}]])
+    assert info.value.batch_index == 1
+
+
+def test_parse_tool_call_output():
+    assert parse_assistant_output('python\n{"code": "print(1)"}<|observation|>') == {
+        "tool_call": "python", "arguments": {"code": "print(1)"}}
+    assert parse_assistant_output("\nfinal<|user|>junk") == {"content": "final"}
+    with pytest.raises(ChatFormatError, match="not valid JSON"):
+        parse_assistant_output("python\n{code: 1}")
+    assert json.loads(json.dumps(parse_assistant_output('f\n{"x": [1, 2]}'))) == {
+        "tool_call": "f", "arguments": {"x": [1, 2]}}

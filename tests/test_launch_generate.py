@@ -1,0 +1,140 @@
+"""launch/generate.py: batch JSONL mode end to end, resumption, malformed rows, CLI, interactive chat."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import glmjax
+from glmjax.checkpoints.orbax_io import save_model
+from glmjax.data.tokenizer import default_tokenizer
+from glmjax.inference.engine import GenerationEngine
+from glmjax.inference.sampling import SamplingConfig
+from glmjax.models import create_model, preset
+from launch import generate
+from test_inference_chat import ScriptedEngine
+
+MAX_NEW = 6
+SAMPLING = SamplingConfig(temperature=1.0, top_k=50)
+GOOD_ROWS = [
+    {"id": "a", "prompt": "1+2="},
+    {"messages": [{"role": "user", "content": "What is 3*4?"}]},
+    {"input_ids": [5, 17, 42, 9]},
+    {"id": 7, "prompt": "Compute 10 - 3 step by step."},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(tokenizer, tokenizer dir, model, engine) for a tiny random GLM-4 model."""
+    root = tmp_path_factory.mktemp("generate")
+    tokenizer = default_tokenizer(root / "tokenizers")
+    (tokenizer_dir,) = (root / "tokenizers").iterdir()
+    model = create_model(preset("glm4-tiny").replace(max_position_embeddings=64), seed=0)
+    engine = GenerationEngine(model, max_batch_size=2)
+    return tokenizer, str(tokenizer_dir), model, engine
+
+
+def _write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _run(setup, input_path, output_path, on_error="skip"):
+    tokenizer, _, _, engine = setup
+    report = io.StringIO()
+    counts = generate.run_batch(engine, tokenizer, str(input_path), str(output_path), sampling=SAMPLING,
+                                max_new_tokens=MAX_NEW, batch_size=2, seed=11, on_error=on_error,
+                                report=report)
+    return counts, report.getvalue()
+
+
+def test_batch_mode_rows_and_malformed_lines(setup, tmp_path):
+    tokenizer = setup[0]
+    lines = [json.dumps(r) for r in GOOD_ROWS[:2]] + [
+        "{not json",
+        json.dumps({"prompt": "x", "input_ids": [1]}),
+        json.dumps(GOOD_ROWS[2]),
+        json.dumps({"input_ids": [1, "2"]}),
+        json.dumps({"messages": [{"role": "robot", "content": "?"}]}),
+        json.dumps({"input_ids": [100000]}),
+    ] + [json.dumps(r) for r in GOOD_ROWS[3:]]
+    _write_lines(tmp_path / "in.jsonl", lines)
+    counts, report = _run(setup, tmp_path / "in.jsonl", tmp_path / "out.jsonl")
+    assert counts == {"written": 5, "already_done": 0, "malformed": 5}
+    path = tmp_path / "in.jsonl"
+    assert f"{path}:3: not valid JSON" in report
+    assert (f"{path}:4: needs exactly one of 'prompt', 'messages', 'input_ids'; "
+            "got ['prompt', 'input_ids']") in report
+    assert f"{path}:6: field 'input_ids' must be a non-empty list of integers" in report
+    assert f"{path}:7: field 'messages': message 0: role 'robot'" in report
+    assert f"{path}:8: field 'input_ids': token ids [100000] are outside the vocabulary" in report
+    rows = _rows(tmp_path / "out.jsonl")
+    assert [r["index"] for r in rows] == [0, 1, 4, 8, 9]
+    assert [r["id"] for r in rows] == ["a", 1, 4, 7, 9]
+    stops = set(generate.stop_token_ids(tokenizer))
+    for row in rows:
+        assert set(row) == {"index", "id", "text", "output_ids", "logprobs", "finish_reason"}
+        assert len(row["output_ids"]) == len(row["logprobs"]) <= MAX_NEW
+        assert all(lp <= 0 for lp in row["logprobs"])
+        ends_with_stop = row["output_ids"][-1] in stops
+        assert row["finish_reason"] == ("stop" if ends_with_stop else "length")
+        body = row["output_ids"][:-1] if ends_with_stop else row["output_ids"]
+        assert row["text"] == tokenizer.decode(body, skip_special_tokens=False)
+
+
+def test_on_error_stop_names_the_line(setup, tmp_path):
+    _write_lines(tmp_path / "in.jsonl", [json.dumps(r) for r in GOOD_ROWS[:2]] + ['{"prompt": 3}'])
+    with pytest.raises(generate.RowError, match=r"in.jsonl:3: field 'prompt' must be a non-empty string"):
+        _run(setup, tmp_path / "in.jsonl", tmp_path / "out.jsonl", on_error="stop")
+    assert [r["index"] for r in _rows(tmp_path / "out.jsonl")] == [0, 1]  # the batch before it
+
+
+def test_resume_skips_written_rows_and_matches_a_full_run(setup, tmp_path):
+    _write_lines(tmp_path / "in.jsonl", [json.dumps(r) for r in GOOD_ROWS])
+    _run(setup, tmp_path / "in.jsonl", tmp_path / "full.jsonl")
+    full = (tmp_path / "full.jsonl").read_text().splitlines(keepends=True)
+    # A run that died after three rows, in the middle of writing the fourth.
+    (tmp_path / "resumed.jsonl").write_text("".join(full[:3]) + full[3][:20])
+    counts, _ = _run(setup, tmp_path / "in.jsonl", tmp_path / "resumed.jsonl")
+    assert counts == {"written": 2, "already_done": 3, "malformed": 0}
+    # Row i samples with seed + i whatever its batch, so the result equals the uninterrupted run.
+    assert (tmp_path / "resumed.jsonl").read_text() == "".join(full)
+    counts, _ = _run(setup, tmp_path / "in.jsonl", tmp_path / "resumed.jsonl")
+    assert counts == {"written": 0, "already_done": 5, "malformed": 0}
+
+
+def test_cli_with_orbax_checkpoint(setup, tmp_path):
+    _, tokenizer_dir, model, _ = setup
+    save_model(model, str(tmp_path / "orbax"))
+    _write_lines(tmp_path / "in.jsonl", [json.dumps(r) for r in GOOD_ROWS[:3]] + ["[]"])
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "launch.generate", f"--orbax_dir={tmp_path / 'orbax'}",
+               f"--tokenizer_dir={tokenizer_dir}", f"--input={tmp_path / 'in.jsonl'}",
+               f"--output={tmp_path / 'out.jsonl'}", f"--max_new_tokens={MAX_NEW}", "--batch_size=4"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(glmjax.__file__)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counts == {"written": 3, "already_done": 0, "malformed": 1}
+    assert "in.jsonl:4: expected a JSON object, got list" in done.stderr
+    assert [r["index"] for r in _rows(tmp_path / "out.jsonl")] == [0, 1, 2]
+
+
+def test_interactive_tool_calling_run(setup):
+    tokenizer = setup[0]
+    engine = ScriptedEngine(tokenizer, ['python\n{"code": "print(6 * 7)"}', "\n6 * 7 = 42."])
+    stdout = io.StringIO()
+    generate.run_interactive(engine, tokenizer, sampling=None, tools=["python"], system=None,
+                             max_turns=4, stdin=io.StringIO("What is 6 * 7?\n/exit\n"), stdout=stdout)
+    lines = stdout.getvalue().splitlines()
+    assert 'user> [tool call] python {"code": "print(6 * 7)"}' in lines
+    assert "[observation] 42" in stdout.getvalue()
+    assert "assistant> 6 * 7 = 42." in lines
