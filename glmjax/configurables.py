@@ -2,6 +2,7 @@
 
 from glmjax import sharding  # noqa: F401  (axis_rules)
 from glmjax.data import factories  # noqa: F401  (lm_data, tokenizer, synthetic_arithmetic_file)
+from glmjax.evals import synthetic_task  # noqa: F401  (ArithmeticExactMatch)
 from glmjax.models import config  # noqa: F401  (ModelConfig, preset)
 from glmjax.objectives import lm  # noqa: F401  (LMObjective)
 from glmjax.training import optimizer, trainer  # noqa: F401  (schedule, adamw, train)
