@@ -102,12 +102,23 @@ class _AttentionInputs:
 
 
 def _write_rows(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """Writes new [batch, t, ...] into cache [batch, max_len, ...] at per-row offsets."""
+    """Scatters new [batch, t, ...] into cache [batch, max_len, ...] at per-row offsets.
 
-    def write(row_cache, row_new, start):
-        return jax.lax.dynamic_update_slice_in_dim(row_cache, row_new.astype(row_cache.dtype), start, 0)
+    Positions past ``max_len`` are dropped (never wrapped or clamped onto other tokens).
+    """
+    batch, t = new.shape[:2]
+    rows = jnp.arange(batch)[:, None]
+    columns = starts[:, None] + jnp.arange(t)[None]
+    return cache.at[rows, columns].set(new.astype(cache.dtype), mode="drop")
 
-    return jax.vmap(write)(cache, new, starts)
+
+def _write_layer_rows(cache: jax.Array, layer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """Scatters new [batch, t, ...] into layer ``layer`` of a stacked cache [layers, batch, max_len, ...]
+    in place (the stacked cache is a scan carry, so only the new rows are written)."""
+    batch, t = new.shape[:2]
+    rows = jnp.arange(batch)[:, None]
+    columns = starts[:, None] + jnp.arange(t)[None]
+    return cache.at[layer, rows, columns].set(new.astype(cache.dtype), mode="drop")
 
 
 class Attention(nnx.Module):
@@ -138,8 +149,13 @@ class Attention(nnx.Module):
         x: jax.Array,
         inputs: _AttentionInputs,
         cache_kv: tuple[jax.Array, jax.Array] | None,
+        layer_index: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x: [batch, seq, embed] -> ([batch, seq, embed], updated (k, v) cache of this layer or None)."""
+        """x: [batch, seq, embed] -> ([batch, seq, embed], updated stacked (k, v) cache or None).
+
+        ``cache_kv`` is the whole stacked cache ([layers, batch, max_len, kv_heads, head_dim]
+        each); this layer reads and writes slot ``layer_index``.
+        """
         config = self.config
         q = apply_rotary(self._project(x, "q"), inputs.cos, inputs.sin, interleaved=config.rope_interleaved)
         k = apply_rotary(self._project(x, "k"), inputs.cos, inputs.sin, interleaved=config.rope_interleaved)
@@ -153,11 +169,11 @@ class Attention(nnx.Module):
             )
             new_cache = None
         else:
-            cache_k = _write_rows(cache_kv[0], k, inputs.cache_lengths)
-            cache_v = _write_rows(cache_kv[1], v, inputs.cache_lengths)
+            cache_k = _write_layer_rows(cache_kv[0], layer_index, k, inputs.cache_lengths)
+            cache_v = _write_layer_rows(cache_kv[1], layer_index, v, inputs.cache_lengths)
             q_seg = inputs.segment_ids if inputs.segment_ids is not None else jnp.ones(x.shape[:2], jnp.int32)
             out = attention_lib.attend(
-                q, cache_k.astype(q.dtype), cache_v.astype(q.dtype),
+                q, cache_k[layer_index].astype(q.dtype), cache_v[layer_index].astype(q.dtype),
                 q_segment_ids=q_seg, kv_segment_ids=inputs.cache_segment_ids,
                 q_offsets=inputs.cache_lengths, backend="xla",
             )
@@ -196,8 +212,8 @@ class DecoderLayer(nnx.Module):
             self.post_self_attention_norm = RMSNorm(config, rngs)
             self.post_mlp_norm = RMSNorm(config, rngs)
 
-    def __call__(self, x, inputs: _AttentionInputs, cache_kv=None):
-        attn_out, new_cache = self.attention(self.input_norm(x), inputs, cache_kv)
+    def __call__(self, x, inputs: _AttentionInputs, cache_kv=None, layer_index=None):
+        attn_out, new_cache = self.attention(self.input_norm(x), inputs, cache_kv, layer_index)
         if self.post_norms:
             attn_out = self.post_self_attention_norm(attn_out)
         x = x + attn_out
@@ -256,16 +272,19 @@ class Decoder(nnx.Module):
         graphdef, state = nnx.split(self.layers)
 
         def body(carry, scanned):
-            layer_state, layer_cache = scanned
+            hidden, caches = carry
+            layer_state, index = scanned
             layer = nnx.merge(graphdef, layer_state)
-            out, new_cache = layer(carry, inputs, layer_cache)
-            return out, new_cache
+            hidden, caches = layer(hidden, inputs, caches, index)
+            return (hidden, caches), None
 
         policy = self.config.remat_policy
         if policy != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[policy], prevent_cse=False)
-        layer_caches = None if cache is None else (cache.k, cache.v)
-        return jax.lax.scan(body, x, (state, layer_caches))
+        caches = None if cache is None else (cache.k, cache.v)
+        layer_indices = jnp.arange(self.config.num_layers)
+        (x, caches), _ = jax.lax.scan(body, (x, caches), (state, layer_indices))
+        return x, caches
 
     def hidden_states(
         self,
