@@ -63,6 +63,130 @@ def xla_attention(
     return out.reshape(batch, seq_q, heads, head_dim).astype(q.dtype)
 
 
+def blockwise_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    *,
+    block_size: int = 64,
+) -> jax.Array:
+    """Causal self-attention that skips the key blocks above the diagonal.
+
+    Queries are cut into blocks of ``block_size`` (a static loop); block ``[start, end)`` only
+    computes logits against keys ``[0, end)``, so about half of the dense work is skipped.
+    Each block is a dense grouped einsum in a heads-major layout with an fp32 softmax and a
+    mask built from iota and segment-id comparisons. A custom VJP saves only the output and
+    the log-sum-exp per query and recomputes each block's probabilities in the backward pass.
+
+    Args:
+      q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] (seq_q == seq_kv,
+        no cache offset).
+      q_segment_ids, kv_segment_ids: int [batch, seq].
+      block_size: queries per block.
+
+    Returns:
+      [batch, seq, heads, head_dim]. Equal to ``xla_attention`` except on rows that see no
+      key at all (padding queries, segment 0), whose value is unspecified in both.
+    """
+    batch, seq, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    q = (q * (1.0 / math.sqrt(head_dim))).astype(q.dtype)
+    q = q.reshape(batch, seq, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    out = _blockwise(q, k, v, q_segment_ids, kv_segment_ids, block_size)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, head_dim).astype(q.dtype)
+
+
+def _block_logits(
+    q: jax.Array, k: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array, start: int, end: int
+) -> jax.Array:
+    """Masked fp32 logits [b, k, g, end - start, end] of queries [start, end) against keys [0, end).
+
+    Args:
+      q: [b, k, g, seq, h] (pre-scaled); k: [b, k, seq, h]; segment ids: int [b, seq].
+    """
+    logits = jnp.einsum(
+        "bkgth,bksh->bkgts", q[:, :, :, start:end], k[:, :, :end], preferred_element_type=jnp.float32
+    )
+    causal = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+    kv_segments = kv_segment_ids[:, None, :end]
+    mask = causal & (q_segment_ids[:, start:end, None] == kv_segments) & (kv_segments != 0)
+    return jnp.where(mask[:, None, None], logits, _MASK_VALUE)
+
+
+def _blocks(seq: int, block_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + block_size, seq)) for start in range(0, seq, block_size)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _blockwise(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
+    block_size: int,
+) -> jax.Array:
+    """Heads-major core: q [b, k, g, t, h] (pre-scaled), k/v [b, k, s, h] -> [b, k, g, t, h]."""
+    return _blockwise_fwd(q, k, v, q_segment_ids, kv_segment_ids, block_size)[0]
+
+
+def _blockwise_fwd(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
+    block_size: int,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    outputs, log_sum_exps = [], []
+    for start, end in _blocks(q.shape[3], block_size):
+        logits = _block_logits(q, k, q_segment_ids, kv_segment_ids, start, end)
+        max_logit = jnp.max(logits, axis=-1, keepdims=True)
+        unnormalised = jnp.exp(logits - max_logit)
+        total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+        out = jnp.einsum(
+            "bkgts,bksh->bkgth", unnormalised.astype(v.dtype), v[:, :, :end],
+            preferred_element_type=jnp.float32,
+        )
+        outputs.append((out / total).astype(q.dtype))
+        log_sum_exps.append((max_logit + jnp.log(total))[..., 0])
+    out = jnp.concatenate(outputs, axis=3)
+    log_sum_exp = jnp.concatenate(log_sum_exps, axis=3)
+    return out, (q, k, v, q_segment_ids, kv_segment_ids, out, log_sum_exp)
+
+
+def _blockwise_bwd(block_size: int, residuals: tuple[jax.Array, ...], out_grad: jax.Array) -> tuple:
+    q, k, v, q_segment_ids, kv_segment_ids, out, log_sum_exp = residuals
+    # softmax backward: d logits = p * (d p - sum_s p * d p), and sum_s p * d p = <d out, out>.
+    delta = jnp.sum(out_grad.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    q_grads, k_grad, v_grad = {}, None, None
+    # Last block first: it spans every key, so it initialises the key and value gradients.
+    for start, end in reversed(_blocks(q.shape[3], block_size)):
+        logits = _block_logits(q, k, q_segment_ids, kv_segment_ids, start, end)
+        probs = jnp.exp(logits - log_sum_exp[:, :, :, start:end, None])
+        block_out_grad = out_grad[:, :, :, start:end]
+        # Key and value gradients come out as [b, k, h, s] (no transposed copy of [t, s] blocks).
+        block_v_grad = jnp.einsum(
+            "bkgth,bkgts->bkhs", block_out_grad, probs.astype(v.dtype), preferred_element_type=jnp.float32
+        ).swapaxes(2, 3)
+        probs_grad = jnp.einsum(
+            "bkgth,bksh->bkgts", block_out_grad, v[:, :, :end], preferred_element_type=jnp.float32
+        )
+        logits_grad = (probs * (probs_grad - delta[:, :, :, start:end, None])).astype(q.dtype)
+        q_grads[start] = jnp.einsum(
+            "bkgts,bksh->bkgth", logits_grad, k[:, :, :end], preferred_element_type=jnp.float32
+        )
+        block_k_grad = jnp.einsum(
+            "bkgth,bkgts->bkhs", q[:, :, :, start:end], logits_grad, preferred_element_type=jnp.float32
+        ).swapaxes(2, 3)
+        if k_grad is None:
+            k_grad, v_grad = block_k_grad, block_v_grad
+        else:
+            k_grad = k_grad.at[:, :, :end].add(block_k_grad)
+            v_grad = v_grad.at[:, :, :end].add(block_v_grad)
+    q_grad = jnp.concatenate([q_grads[start] for start in sorted(q_grads)], axis=3)
+    return q_grad.astype(q.dtype), k_grad.astype(k.dtype), v_grad.astype(v.dtype), None, None
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
     """``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU, XLA elsewhere).
 
@@ -164,7 +288,8 @@ def attend(
     """Dispatches to a backend.
 
     Incremental decoding (``q_offsets`` given) always uses the dense XLA path; "sample" is a
-    prefill method and needs unpacked sequences (no segment ids), else it falls back to "xla".
+    prefill method and needs unpacked sequences (no segment ids), else it falls back to "xla";
+    "blockwise" needs self-attention (seq_q == seq_kv), else it falls back to "xla".
     """
     batch, seq_q = q.shape[:2]
     seq_kv = k.shape[1]
@@ -175,11 +300,15 @@ def attend(
         return fused_attention(q, k, v, None)
     q_seg = jnp.broadcast_to(1 if q_segment_ids is None else q_segment_ids, (batch, seq_q)).astype(jnp.int32)
     kv_seg = jnp.broadcast_to(1 if kv_segment_ids is None else kv_segment_ids, (batch, seq_kv)).astype(jnp.int32)
+    if q_offsets is None and backend == "blockwise" and seq_q == seq_kv:
+        return blockwise_attention(q, k, v, q_seg, kv_seg)
     if q_offsets is None and backend == "splash":
         return splash_attention(q, k, v, q_seg, kv_seg, interpret=jax.default_backend() != "tpu")
     mask = attention_mask(q_seg, kv_seg, q_offsets)
     if backend == "fused" and q_offsets is None:
         return fused_attention(q, k, v, mask)
-    if backend not in ("xla", "fused", "splash", "sample"):
-        raise ValueError(f"unknown attention backend {backend!r}; use xla, fused, splash or sample")
+    if backend not in ("xla", "blockwise", "fused", "splash", "sample"):
+        raise ValueError(
+            f"unknown attention backend {backend!r}; use xla, blockwise, fused, splash or sample"
+        )
     return xla_attention(q, k, v, mask)

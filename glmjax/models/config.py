@@ -8,7 +8,7 @@ from typing import Literal
 import gin
 
 Architecture = Literal["glm", "glm4", "qwen2"]
-AttentionBackend = Literal["xla", "fused", "splash", "sample"]
+AttentionBackend = Literal["xla", "blockwise", "fused", "splash", "sample"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "save_attention_out"]
 
 # HF architecture class name <-> our architecture switch.
@@ -38,7 +38,8 @@ class ModelConfig:
       param_dtype: storage dtype of parameters ("float32" or "bfloat16").
       compute_dtype: dtype of matmuls and activations; norms, softmax and rotary run in fp32.
       remat_policy: what the scanned layer body saves for the backward pass.
-      attention_backend: "xla" (dense einsum reference), "fused"
+      attention_backend: "xla" (dense einsum reference), "blockwise" (causal attention that
+        skips the masked key blocks: the fast path on CPU), "fused"
         (``jax.nn.dot_product_attention``: cuDNN on GPU), "splash" (TPU splash attention),
         "sample" (SampleAttention for prefill; dense elsewhere).
       sample_attention_alpha: cumulative-attention threshold for the "sample" backend.

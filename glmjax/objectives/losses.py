@@ -31,7 +31,8 @@ def chunked_cross_entropy(
       z_loss: coefficient of the log(Z)^2 auxiliary loss (0 disables it).
 
     Returns:
-      (loss [batch, seq] fp32 in nats including z-loss, correct [batch, seq] bool: argmax == target).
+      (loss [batch, seq] fp32 in nats including z-loss, correct [batch, seq] bool: the target
+      has the largest logit, i.e. argmax == target up to exact ties).
     """
     batch, seq, embed = hidden.shape
     chunk = min(chunk_size, seq)
@@ -58,50 +59,66 @@ def _is_target(logits: jax.Array, t: jax.Array) -> jax.Array:
     return jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t[..., None]
 
 
-def _chunk_forward(h: jax.Array, kernel: jax.Array, t: jax.Array, z_loss: float):
+def _chunk_forward(
+    h: jax.Array, kernel: jax.Array, t: jax.Array, z_loss: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(loss, correct, log_z) of one chunk, each [b, c]."""
     logits = _logits(h, kernel)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.sum(jnp.where(_is_target(logits, t), logits, 0.0), axis=-1)
+    max_logit = jnp.max(logits, axis=-1)
+    log_z = max_logit + jnp.log(jnp.sum(jnp.exp(logits - max_logit[..., None]), axis=-1))
+    target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
     loss = log_z - target_logit + z_loss * jnp.square(log_z)
-    correct = jnp.argmax(logits, axis=-1) == t
-    return loss, correct, log_z
+    return loss, target_logit >= max_logit, log_z
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked_loss(hidden_chunks, kernel, target_chunks, z_loss):
+def _chunked_loss(
+    hidden_chunks: jax.Array, kernel: jax.Array, target_chunks: jax.Array, z_loss: float
+) -> tuple[jax.Array, jax.Array]:
     """hidden_chunks [n, b, c, e], targets [n, b, c] -> (loss, correct), each [n, b, c]."""
     return _chunked_loss_fwd(hidden_chunks, kernel, target_chunks, z_loss)[0]
 
 
-def _chunked_loss_fwd(hidden_chunks, kernel, target_chunks, z_loss):
+def _chunked_loss_fwd(
+    hidden_chunks: jax.Array, kernel: jax.Array, target_chunks: jax.Array, z_loss: float
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, ...]]:
     loss, correct, log_z = jax.lax.map(
         lambda a: _chunk_forward(a[0], kernel, a[1], z_loss), (hidden_chunks, target_chunks)
     )
     return (loss, correct), (hidden_chunks, kernel, target_chunks, log_z)
 
 
-def _chunked_loss_bwd(z_loss, residuals, cotangents):
+def _chunk_grad(
+    h: jax.Array, kernel: jax.Array, t: jax.Array, log_z: jax.Array, g: jax.Array, z_loss: float
+) -> tuple[jax.Array, jax.Array]:
+    """(kernel gradient fp32 [e, v], hidden gradient [b, c, e]) of one chunk for cotangent g [b, c]."""
+    logits = _logits(h, kernel)
+    # d(loss)/d(logits) = softmax * (1 + 2 z log_z) - one_hot(target)
+    probs = jnp.exp(logits - log_z[..., None]) * (1.0 + 2.0 * z_loss * log_z)[..., None]
+    logit_grad = (g[..., None] * (probs - _is_target(logits, t))).astype(h.dtype)
+    h_grad = jnp.einsum("bcv,ev->bce", logit_grad, kernel, preferred_element_type=jnp.float32)
+    kernel_grad = jnp.einsum("bce,bcv->ev", h, logit_grad, preferred_element_type=jnp.float32)
+    return kernel_grad, h_grad.astype(h.dtype)
+
+
+def _chunked_loss_bwd(
+    z_loss: float, residuals: tuple[jax.Array, ...], cotangents: tuple[jax.Array, jax.Array]
+) -> tuple:
     hidden_chunks, kernel, target_chunks, log_z = residuals
-    loss_cotangent = cotangents[0].astype(jnp.float32)
+    chunks = (hidden_chunks, target_chunks, log_z, cotangents[0].astype(jnp.float32))
 
-    def chunk_grad(kernel_grad, inputs):
-        h, t, lz, g = inputs
-        logits = _logits(h, kernel)
-        # d(loss)/d(logits) = softmax * (1 + 2 z log_z) - one_hot(target)
-        probs = jnp.exp(logits - lz[..., None]) * (1.0 + 2.0 * z_loss * lz)[..., None]
-        logit_grad = (g[..., None] * (probs - _is_target(logits, t))).astype(h.dtype)
-        h_grad = jnp.einsum("bcv,ev->bce", logit_grad, kernel, preferred_element_type=jnp.float32)
-        kernel_grad = kernel_grad + jnp.einsum(
-            "bce,bcv->ev", h, logit_grad, preferred_element_type=jnp.float32
-        )
-        return kernel_grad, h_grad.astype(h.dtype)
+    def grad(h, t, lz, g):
+        return _chunk_grad(h, kernel, t, lz, g, z_loss)
 
-    kernel_grad, hidden_grad = jax.lax.scan(
-        chunk_grad,
-        jnp.zeros(kernel.shape, jnp.float32),
-        (hidden_chunks, target_chunks, log_z, loss_cotangent),
-    )
+    # The first chunk starts the kernel-gradient sum (no zero-filled [embed, vocab] buffer).
+    kernel_grad, first_hidden_grad = grad(*(x[0] for x in chunks))
+
+    def accumulate(total, inputs):
+        chunk_kernel_grad, hidden_grad = grad(*inputs)
+        return total + chunk_kernel_grad, hidden_grad
+
+    kernel_grad, hidden_grads = jax.lax.scan(accumulate, kernel_grad, tuple(x[1:] for x in chunks))
+    hidden_grad = jnp.concatenate([first_hidden_grad[None], hidden_grads], axis=0)
     return hidden_grad, kernel_grad.astype(kernel.dtype), None
 
 
