@@ -170,11 +170,14 @@ class FakeOpenAIServer:
                         return
                     text = behaviour.body if behaviour.body is not None else (
                         server._completion(body))
+                finally:
+                    # Counted out before answering: once the client has the reply it may send
+                    # its next request, which must not overlap this one in the count.
+                    server._finished()
+                try:
                     self._send(behaviour.status, text, behaviour.headers)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # The client gave up (timeout); nothing to answer.
-                finally:
-                    server._finished()
 
             def _send(self, status: int, text: str,
                       headers: Mapping[str, str] | None = None) -> None:

@@ -16,6 +16,7 @@ import http.client
 import json
 import os
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -114,6 +115,10 @@ class LLMResponseError(LLMClientError):
     """The server answered 200 with a body that is not a usable completion."""
 
 
+class _Skipped(Exception):
+    """A batch request not started because an earlier one failed."""
+
+
 class OpenAIHTTPClient(LLMClient):
     """Client for an OpenAI-compatible chat-completions endpoint (standard library only).
 
@@ -196,15 +201,28 @@ class OpenAIHTTPClient(LLMClient):
         if not conversations:
             return []
         workers = min(self.max_concurrency, len(conversations))
+        failed = threading.Event()
+
+        def run(conversation: Sequence[Message]) -> str:
+            # Requests are started in index order, so every one skipped here has a higher
+            # index than the failure that set the event.
+            if failed.is_set():
+                raise _Skipped()
+            try:
+                return self.complete(conversation, sampling)
+            except BaseException:
+                failed.set()
+                raise
+
         executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="llm-client")
         try:
-            futures = [executor.submit(self.complete, c, sampling) for c in conversations]
+            futures = [executor.submit(run, c) for c in conversations]
             concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
         for index, future in enumerate(futures):
             error = None if future.cancelled() else future.exception()
-            if error is not None:
+            if error is not None and not isinstance(error, _Skipped):
                 if isinstance(error, LLMClientError):
                     error.batch_index = index
                 raise error
