@@ -79,6 +79,30 @@ def train_state_shardings(
     )
 
 
+def fresh_train_state(
+    config: ModelConfig, tx: optax.GradientTransformation, seed: int, params: dict | None = None,
+    extra: Any = None,
+) -> TrainState:
+    """Step 0: random parameters (or ``params``), zero optimiser state."""
+    if params is None:
+        params = nnx.to_pure_dict(nnx.state(Decoder(config, nnx.Rngs(params=seed)), nnx.Param))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed + 1)),
+        extra=extra,
+    )
+
+
+def abstract_train_state(
+    config: ModelConfig, tx: optax.GradientTransformation, shardings: TrainState, extra: Any = None
+) -> TrainState:
+    """The train state as ``ShapeDtypeStruct``s carrying ``shardings`` (nothing allocated)."""
+    shapes = jax.eval_shape(lambda: fresh_train_state(config, tx, 0, extra=extra))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def init_train_state(
     config: ModelConfig,
     tx: optax.GradientTransformation,
@@ -88,19 +112,9 @@ def init_train_state(
     params: dict | None = None,
     extra: Any = None,
 ) -> TrainState:
-    """A fresh state: random parameters (or ``params``, e.g. from an HF checkpoint) placed by
-    ``shardings``, zero optimiser state, step 0."""
-
-    def init(params, extra):
-        if params is None:
-            params = nnx.to_pure_dict(nnx.state(Decoder(config, nnx.Rngs(params=seed)), nnx.Param))
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(jax.random.key(seed + 1)),
-            extra=extra,
-        )
-
+    """``fresh_train_state`` computed straight into ``shardings`` (each device makes its shards)."""
     with jax.set_mesh(mesh):
-        return jax.jit(init, out_shardings=shardings)(params, extra)
+        return jax.jit(
+            lambda params, extra: fresh_train_state(config, tx, seed, params, extra),
+            out_shardings=shardings,
+        )(params, extra)

@@ -12,7 +12,6 @@ from typing import Any
 
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -26,7 +25,12 @@ from glmjax.objectives.lm import LMObjective
 from glmjax.training import optimizer as optimizer_lib
 from glmjax.training.checkpointing import Checkpointer, TerminationFlag, check_model_config
 from glmjax.training.metrics import MetricsWriter, ProgressLine
-from glmjax.training.state import TrainState, init_train_state, model_graph, train_state_shardings
+from glmjax.training.state import (
+    abstract_train_state,
+    init_train_state,
+    model_graph,
+    train_state_shardings,
+)
 from glmjax.training.step import make_eval_step, make_train_step
 
 # Dense bf16 peak FLOP/s per chip, for MFU. Unknown devices (CPUs) report no MFU unless
@@ -151,11 +155,8 @@ def train(
     checkpointer = Checkpointer(checkpoint_dir, keep=keep_checkpoints)
     latest = checkpointer.latest_step()
     if latest is not None:
-        abstract = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            jax.eval_shape(lambda: _fresh_state_shapes(model_config, tx, extra)), shardings,
-        )
         data_iterator = iter(data)
+        abstract = abstract_train_state(model_config, tx, shardings, extra)
         state = checkpointer.restore(abstract, data_iterator, latest)
         logging.info("resumed from %s at step %d", checkpoint_dir, latest)
         pending_batch = None
@@ -239,14 +240,6 @@ def train(
     return TrainResult(step, metrics, before, after, model_dir, checkpoint_dir, stopped_early)
 
 
-def _fresh_state_shapes(config: ModelConfig, tx, extra) -> TrainState:
-    params = nnx.to_pure_dict(nnx.state(Decoder(config, nnx.Rngs(params=0)), nnx.Param))
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-        rng=jax.random.key_data(jax.random.key(0)), extra=extra,
-    )
-
-
 def _initial_params(hf_dir: str | None, orbax_dir: str | None, config: ModelConfig, mesh) -> dict | None:
     if hf_dir and orbax_dir:
         raise ValueError("set at most one of train.init_from_hf and train.init_from_orbax")
@@ -291,10 +284,7 @@ def _eval_loss(eval_step, state, eval_data: DataFactory, max_batches: int, batch
 
 
 def _compile_report(jitted_step, tx, config, shardings, first_batch, batch_shape, batch_sharding, mesh, extra):
-    abstract_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        jax.eval_shape(lambda: _fresh_state_shapes(config, tx, extra)), shardings,
-    )
+    abstract_state = abstract_train_state(config, tx, shardings, extra)
     abstract_batch = {
         k: jax.ShapeDtypeStruct(batch_shape, np.asarray(v).dtype, sharding=batch_sharding)
         for k, v in first_batch.items()
