@@ -2,6 +2,7 @@
 
 import json
 import os
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ def _hf_logits(hf_model, ids: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("architecture", ["glm", "glm4", "qwen2"])
 @pytest.mark.parametrize("heads,kv_heads", HEAD_LAYOUTS)
 def test_logits_match_transformers(tmp_path, architecture, heads, kv_heads):
-    seed = hash((architecture, heads, kv_heads)) % 1000
+    seed = zlib.crc32(f"{architecture}-{heads}-{kv_heads}".encode()) % 1000
     vocab = 251 if kv_heads > 1 else 257
     hf_model = make_hf_model(
         architecture, vocab_size=vocab, num_heads=heads, num_kv_heads=kv_heads, seed=seed,
