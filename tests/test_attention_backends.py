@@ -91,3 +91,16 @@ def test_blockwise_model_logits_match_xla():
             ids, segment_ids=segments
         )
         np.testing.assert_allclose(blockwise, reference, atol=1e-4)
+
+
+def test_cached_attention_matches_dense_attention_on_a_heads_major_cache():
+    q, k, v, _ = _qkv(5, 2, 32, 8, 2, 16)
+    offsets = jnp.array([20, 9], jnp.int32)
+    kv_segments = jnp.asarray((np.arange(32)[None] < np.array([[23], [12]])).astype(np.int32))
+    q_segments = jnp.ones((2, 3), jnp.int32)
+    expected = attention_lib.xla_attention(
+        q[:, :3], k, v, attention_lib.attention_mask(q_segments, kv_segments, offsets))
+    out = attention_lib.cached_attention(
+        q[:, :3], jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
+        q_segment_ids=q_segments, kv_segment_ids=kv_segments, q_offsets=offsets)
+    np.testing.assert_allclose(out, expected, atol=1e-6)

@@ -10,7 +10,8 @@ import torch
 import glmjax
 from glmjax import sharding
 from glmjax.inference.engine import GenerationEngine
-from glmjax.inference.sampling import SamplingConfig, process_logits, select_tokens
+from glmjax.inference.sampling import (
+    SamplingConfig, first_argmax, process_logits, select_tokens, token_logprobs)
 from hf_models import ARCHITECTURES, make_hf_model
 
 VOCAB = 251
@@ -123,7 +124,7 @@ def test_sharded_engine_equals_unsharded(glm_dir, glm_engine):
     mesh = sharding.make_mesh((2, 1, 2, 1), devices=jax.devices()[:4])
     model = glmjax.from_pretrained(glm_dir)
     sharded = GenerationEngine(model, mesh=mesh, max_batch_size=4, length_buckets=(16,))
-    spec = sharded.state["layers"]["mlp"]["down_kernel"].sharding.spec
+    spec = sharded.state["layers"][0]["mlp"]["down_kernel"].sharding.spec  # per-layer layout
     assert "tensor" in str(spec)
     # Same sampling bucket as the seeded test above: the unsharded reference is already compiled.
     sampling = SamplingConfig(temperature=0.8, top_p=1.0)
@@ -188,3 +189,20 @@ def test_sampling_config_validation():
         SamplingConfig(min_p=1.0)
     assert SamplingConfig().greedy
     assert SamplingConfig(temperature=0.0, top_k=5).static_key() == (True, 0, False)
+
+
+def test_first_argmax_token_logprobs_and_draws_match_jax():
+    logits = jax.random.normal(jax.random.key(2), (16, 1000)) * 3
+    logits = logits.at[3, 7].set(50.0).at[3, 2].set(50.0)  # a tie: the first index wins
+    np.testing.assert_array_equal(first_argmax(logits), jnp.argmax(logits, axis=-1))
+    assert int(first_argmax(logits)[3]) == 2
+    tokens = jnp.arange(16, dtype=jnp.int32) * 37
+    np.testing.assert_allclose(
+        token_logprobs(logits, tokens),
+        np.asarray(jax.nn.log_softmax(logits))[np.arange(16), np.asarray(tokens)], rtol=1e-6)
+    # Sampling draws are those of jax.random.categorical with the same per-row keys.
+    keys = jax.random.split(jax.random.key(3), 16)
+    values = SamplingConfig(temperature=1.0).dynamic_values()
+    drawn, _ = select_tokens(logits, keys, values, greedy=False, top_k=0, use_top_p=False,
+                             logprob_mode="raw")
+    np.testing.assert_array_equal(drawn, jax.vmap(jax.random.categorical)(keys, logits))

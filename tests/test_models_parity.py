@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 import glmjax
 from glmjax.models import KVCache, create_model, flat_params, preset
+from glmjax.models.decoder import unstack_layers
 from glmjax.models.rotary import apply_rotary, rotary_angles
 from hf_models import make_hf_model
 
@@ -133,19 +135,26 @@ def test_packed_segments_equal_separate_sequences():
     assert np.all(np.isfinite(out))
 
 
-def test_kv_cache_prefill_and_decode_match_full_forward():
+@pytest.mark.parametrize(
+    "stacked,prefill,backend",
+    [(True, False, "xla"), (False, False, "xla"), (False, True, "xla"), (True, True, "blockwise"),
+     (False, True, "splash")],
+)
+def test_kv_cache_prefill_and_decode_match_full_forward(stacked, prefill, backend):
     config = preset("qwen2.5-tiny")
-    model = create_model(config, seed=9)
+    reference = create_model(config, seed=9)
+    model = create_model(config.replace(attention_backend=backend), seed=9)
+    model = model if stacked else unstack_layers(model)
     rng = np.random.default_rng(10)
     ids = rng.integers(2, 512, size=(2, 12))
-    full = np.asarray(model(jnp.asarray(ids)))
+    full = np.asarray(reference(jnp.asarray(ids)))
     # Row 0 has a 6-token prompt, row 1 a 4-token prompt (right-padded to 6).
     lengths = np.array([6, 4])
     prompt = ids[:, :6].copy()
     prompt[1, 4:] = 0
     valid = jnp.asarray(np.arange(6)[None] < lengths[:, None])
-    cache = KVCache.create(config, batch=2, max_len=16)
-    logits, cache = model.forward_with_cache(jnp.asarray(prompt), cache, valid=valid)
+    cache = KVCache.create(config, batch=2, max_len=16, stacked=stacked)
+    logits, cache = model.forward_with_cache(jnp.asarray(prompt), cache, valid=valid, prefill=prefill)
     np.testing.assert_allclose(np.asarray(logits)[0, :6], full[0, :6], atol=1e-5)
     np.testing.assert_allclose(np.asarray(logits)[1, :4], full[1, :4], atol=1e-5)
     np.testing.assert_array_equal(np.asarray(cache.lengths), lengths)
@@ -155,6 +164,28 @@ def test_kv_cache_prefill_and_decode_match_full_forward():
         logits, cache = model.forward_with_cache(jnp.asarray(next_ids), cache)
         for row in range(2):
             np.testing.assert_allclose(np.asarray(logits)[row, 0], full[row, positions[row]], atol=1e-5)
+
+
+def test_unstack_layers_keeps_parameters_and_logits():
+    config = preset("glm4-0414-tiny")
+    model = create_model(config, seed=15)
+    unstacked = unstack_layers(model)
+    assert model.stacked and not unstacked.stacked and len(unstacked.layers) == config.num_layers
+    stacked_params, per_layer = flat_params(model), flat_params(unstacked)
+    for name, value in stacked_params.items():
+        if name.startswith("layers."):
+            for index in range(config.num_layers):
+                layer_name = name.replace("layers.", f"layers.{index}.", 1)
+                np.testing.assert_array_equal(per_layer[layer_name], np.asarray(value)[index])
+        else:
+            np.testing.assert_array_equal(per_layer[name], value)
+    axes = {v.logical_axes for v in jax.tree.leaves(
+        nnx.state(unstacked.layers), is_leaf=lambda x: isinstance(x, nnx.Variable))}
+    assert all("layers" not in a for a in axes)
+    ids = jnp.asarray(np.random.default_rng(16).integers(0, 512, size=(2, 9)))
+    np.testing.assert_allclose(np.asarray(unstacked(ids)), np.asarray(model(ids)), atol=1e-5)
+    with pytest.raises(ValueError, match="stacked=False"):
+        unstacked.forward_with_cache(ids, KVCache.create(config, batch=2, max_len=16))
 
 
 def test_bf16_compute_close_to_fp32():

@@ -3,8 +3,10 @@
 One ``generate`` call runs one compiled program per chunk of prompts (``max_batch_size`` rows):
 
 * **prefill**: every prompt token but the last is written into a fresh ``KVCache`` in one
-  forward (rows right-padded, ``valid`` masks the padding). Their logits are unused, so XLA drops
-  the LM head, which for a large vocabulary is most of the prefill's memory.
+  forward (rows right-padded, ``valid`` masks the padding), with the model's attention backend
+  (so a long prompt's attention memory is that of blockwise / splash / cuDNN attention). Their
+  logits are unused, so XLA drops the LM head, which for a large vocabulary is most of the
+  prefill's memory.
 * **decode**: a ``jax.lax.while_loop`` that feeds each row's last token (first the last prompt
   token), samples the next, and exits as soon as every row has hit a stop token or the token
   budget. The time to first token is the wall time of a call with ``max_new_tokens=1``.
@@ -14,7 +16,9 @@ rows are inert), the prompt length and the new-token budget each to a length buc
 two by default). Programs are cached per (batch, prompt, budget, stop-list, sampling) bucket;
 temperature, top-p, min-p, the exact token budget and the seed are runtime data.
 
-With a mesh the parameters are placed by their logical axes (``state_shardings``: tensor
+The engine holds the model in the per-layer layout (``unstack_layers``: whole weight buffers
+and one KV cache per layer), which spares a copy of every layer's weights per decode step on
+XLA:CPU. With a mesh the parameters are placed by their logical axes (``state_shardings``: tensor
 parallelism over heads / MLP / vocabulary, FSDP over the embedding) and the programs run under
 ``jax.set_mesh``, so the model's activation constraints apply; the cache's batch and KV-head axes
 follow the activation rules.
@@ -35,11 +39,11 @@ from jax.sharding import Mesh
 
 from glmjax import sharding as sharding_lib
 from glmjax.inference.sampling import LogprobMode, SamplingConfig, select_tokens
-from glmjax.models.decoder import Decoder, KVCache
+from glmjax.models.decoder import Decoder, KVCache, unstack_layers
 from glmjax.models.params import state_shardings
 
 FinishReason = Literal["stop", "length"]
-_CACHE_AXES = ("layers", "act_batch", None, "act_kv_heads", "act_head_dim")
+_CACHE_AXES = ("act_batch", "act_kv_heads", None, "act_head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +134,7 @@ class GenerationEngine:
             raise ValueError(f"length_buckets must be ascending positive ints, got {self.length_buckets}")
         self.logprob_mode = logprob_mode
         self.cache_dtype = cache_dtype or self.config.compute_dtype
-        self._graphdef, state = nnx.split(model)
+        self._graphdef, state = nnx.split(unstack_layers(model))
         if mesh is not None:
             with self._context():
                 state = jax.device_put(state, state_shardings(state, mesh, rules))
@@ -296,15 +300,15 @@ class GenerationEngine:
             self.trace_count += 1
             model = nnx.merge(graphdef, state)
             keys = jax.vmap(jax.random.key)(seeds)
-            cache = KVCache.create(config, key.batch, cache_len, cache_dtype)
+            cache = KVCache.create(config, key.batch, cache_len, cache_dtype, stacked=False)
             cache = dataclasses.replace(
                 cache,
-                k=sharding_lib.constrain(cache.k, _CACHE_AXES),
-                v=sharding_lib.constrain(cache.v, _CACHE_AXES),
+                k=tuple(sharding_lib.constrain(k, _CACHE_AXES) for k in cache.k),
+                v=tuple(sharding_lib.constrain(v, _CACHE_AXES) for v in cache.v),
             )
             # All prompt tokens but the last: their logits are unused, so XLA drops the LM head.
             valid = jnp.arange(key.prompt_len, dtype=jnp.int32)[None] < (lengths - 1)[:, None]
-            _, cache = model.forward_with_cache(ids, cache, valid=valid)
+            _, cache = model.forward_with_cache(ids, cache, valid=valid, prefill=True)
             last = jnp.take_along_axis(ids, (lengths - 1)[:, None], axis=1)[:, 0]
 
             def cond(carry):

@@ -63,6 +63,41 @@ def xla_attention(
     return out.reshape(batch, seq_q, heads, head_dim).astype(q.dtype)
 
 
+def cached_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    q_offsets: jax.Array,
+) -> jax.Array:
+    """New queries against a heads-major KV cache (incremental decoding), dense in XLA.
+
+    The cache layout is the one the two einsums read directly, so no step transposes it.
+
+    Args:
+      q: [batch, seq_q, heads, head_dim], at positions ``q_offsets + arange(seq_q)``.
+      k, v: [batch, kv_heads, max_len, head_dim], already holding the queries' own keys/values.
+      q_segment_ids: int [batch, seq_q]; kv_segment_ids: int [batch, max_len] (0 = empty slot).
+      q_offsets: int [batch]; cached tokens before the first query.
+
+    Returns:
+      [batch, seq_q, heads, head_dim] in q's dtype.
+    """
+    batch, seq_q, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(batch, seq_q, kv_heads, heads // kv_heads, head_dim)
+    logits = jnp.einsum(
+        "btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32
+    ) * (1.0 / math.sqrt(head_dim))
+    mask = attention_mask(q_segment_ids, kv_segment_ids, q_offsets)
+    logits = jnp.where(mask[:, :, None], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, v, preferred_element_type=jnp.float32)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq_q, heads, head_dim).astype(q.dtype)
+
+
 def blockwise_attention(
     q: jax.Array,
     k: jax.Array,
@@ -289,7 +324,9 @@ def attend(
 
     Incremental decoding (``q_offsets`` given) always uses the dense XLA path; "sample" is a
     prefill method and needs unpacked sequences (no segment ids), else it falls back to "xla";
-    "blockwise" needs self-attention (seq_q == seq_kv), else it falls back to "xla".
+    "blockwise" needs self-attention (seq_q == seq_kv), else it falls back to "xla"; "splash"
+    needs sequence lengths that are multiples of 128 (its block size), else it falls back to
+    "xla" (short prompts in generation buckets).
     """
     batch, seq_q = q.shape[:2]
     seq_kv = k.shape[1]
@@ -302,7 +339,7 @@ def attend(
     kv_seg = jnp.broadcast_to(1 if kv_segment_ids is None else kv_segment_ids, (batch, seq_kv)).astype(jnp.int32)
     if q_offsets is None and backend == "blockwise" and seq_q == seq_kv:
         return blockwise_attention(q, k, v, q_seg, kv_seg)
-    if q_offsets is None and backend == "splash":
+    if q_offsets is None and backend == "splash" and seq_q % 128 == 0 and seq_kv % 128 == 0:
         return splash_attention(q, k, v, q_seg, kv_seg, interpret=jax.default_backend() != "tpu")
     mask = attention_mask(q_seg, kv_seg, q_offsets)
     if backend == "fused" and q_offsets is None:

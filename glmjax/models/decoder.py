@@ -2,7 +2,10 @@
 
 Parameters carry ``logical_axes`` metadata (see ``glmjax.sharding``). The layers are
 stacked along a leading ``layers`` axis and run with ``jax.lax.scan`` (one compiled layer
-body; unrolled for stacks of at most 8 layers), optionally rematerialised.
+body; unrolled for stacks of at most 8 layers), optionally rematerialised. ``unstack_layers``
+gives the inference layout: one module per layer, each with whole weight buffers and its own
+KV cache, so a decode step reads its weights in place instead of slicing them out of the
+stack (which XLA:CPU copies on every step).
 
 Parameter layout (shapes for one layer; the stack adds a leading ``num_layers`` axis):
   attention.q_kernel [embed, heads, head_dim],   q_bias [heads, head_dim]
@@ -75,26 +78,34 @@ class KVCache:
     """Preallocated key/value cache for all layers.
 
     Attributes:
-      k, v: [num_layers, batch, max_len, kv_heads, head_dim].
+      k, v: [num_layers, batch, kv_heads, max_len, head_dim] for a stacked decoder, or one
+        [batch, kv_heads, max_len, head_dim] array per layer (a tuple) for an unstacked one.
+        Heads-major, so that attention reads each head's keys and values without a transpose.
       segment_ids: int32 [batch, max_len]; 0 = empty slot, else the segment of the token stored.
       lengths: int32 [batch]; tokens stored per row (the next write index).
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     segment_ids: jax.Array
     lengths: jax.Array
 
     @classmethod
-    def create(cls, config: ModelConfig, batch: int, max_len: int, dtype: Any | None = None) -> "KVCache":
+    def create(
+        cls, config: ModelConfig, batch: int, max_len: int, dtype: Any | None = None,
+        stacked: bool = True,
+    ) -> "KVCache":
+        """An empty cache; ``stacked`` must match the decoder's layout (``Decoder.stacked``)."""
         dtype = jnp.dtype(config.compute_dtype if dtype is None else dtype)
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-        return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
-            segment_ids=jnp.zeros((batch, max_len), jnp.int32),
-            lengths=jnp.zeros((batch,), jnp.int32),
-        )
+        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+        if stacked:
+            k = jnp.zeros((config.num_layers, *shape), dtype)
+            v = jnp.zeros((config.num_layers, *shape), dtype)
+        else:
+            k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+            v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        return cls(k=k, v=v, segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+                   lengths=jnp.zeros((batch,), jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +115,8 @@ class _AttentionInputs:
     segment_ids: jax.Array | None
     cache_segment_ids: jax.Array | None
     cache_lengths: jax.Array | None
+    prefill: bool = False
+    """The cache is empty: attention runs among the new tokens with the configured backend."""
 
 
 def _write_rows(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
@@ -117,13 +130,19 @@ def _write_rows(cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Arra
     return cache.at[rows, columns].set(new.astype(cache.dtype), mode="drop")
 
 
-def _write_layer_rows(cache: jax.Array, layer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """Scatters new [batch, t, ...] into layer ``layer`` of a stacked cache [layers, batch, max_len, ...]
-    in place (the stacked cache is a scan carry, so only the new rows are written)."""
+def _write_kv(cache: jax.Array, new: jax.Array, starts: jax.Array, layer: jax.Array | None) -> jax.Array:
+    """Scatters new keys or values [batch, t, kv_heads, head_dim] into a heads-major cache
+    [batch, kv_heads, max_len, head_dim] (``layer`` None) or into slot ``layer`` of a stacked one
+    [layers, batch, kv_heads, max_len, head_dim], at per-row offsets ``starts`` [batch].
+
+    Only the new entries are written (the cache is a loop carry, updated in place); positions
+    past ``max_len`` are dropped.
+    """
     batch, t = new.shape[:2]
     rows = jnp.arange(batch)[:, None]
     columns = starts[:, None] + jnp.arange(t)[None]
-    return cache.at[layer, rows, columns].set(new.astype(cache.dtype), mode="drop")
+    index = (rows, slice(None), columns) if layer is None else (layer, rows, slice(None), columns)
+    return cache.at[index].set(new.astype(cache.dtype), mode="drop")
 
 
 class Attention(nnx.Module):
@@ -156,33 +175,35 @@ class Attention(nnx.Module):
         cache_kv: tuple[jax.Array, jax.Array] | None,
         layer_index: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x: [batch, seq, embed] -> ([batch, seq, embed], updated stacked (k, v) cache or None).
+        """x: [batch, seq, embed] -> ([batch, seq, embed], updated (k, v) cache or None).
 
-        ``cache_kv`` is the whole stacked cache ([layers, batch, max_len, kv_heads, head_dim]
-        each); this layer reads and writes slot ``layer_index``.
+        ``cache_kv`` is either this layer's cache ([batch, kv_heads, max_len, head_dim] each;
+        ``layer_index`` None) or the whole stacked cache ([layers, batch, kv_heads, max_len,
+        head_dim] each), of which this layer reads and writes slot ``layer_index``.
         """
         config = self.config
         q = apply_rotary(self._project(x, "q"), inputs.cos, inputs.sin, interleaved=config.rope_interleaved)
         k = apply_rotary(self._project(x, "k"), inputs.cos, inputs.sin, interleaved=config.rope_interleaved)
         v = self._project(x, "v")
-        if cache_kv is None:
+        new_cache = None
+        if cache_kv is None or inputs.prefill:
             out = attention_lib.attend(
                 q, k, v,
                 q_segment_ids=inputs.segment_ids, kv_segment_ids=inputs.segment_ids,
                 q_offsets=None, backend=config.attention_backend,
                 sample_alpha=config.sample_attention_alpha,
             )
-            new_cache = None
-        else:
-            cache_k = _write_layer_rows(cache_kv[0], layer_index, k, inputs.cache_lengths)
-            cache_v = _write_layer_rows(cache_kv[1], layer_index, v, inputs.cache_lengths)
-            q_seg = inputs.segment_ids if inputs.segment_ids is not None else jnp.ones(x.shape[:2], jnp.int32)
-            out = attention_lib.attend(
-                q, cache_k[layer_index].astype(q.dtype), cache_v[layer_index].astype(q.dtype),
-                q_segment_ids=q_seg, kv_segment_ids=inputs.cache_segment_ids,
-                q_offsets=inputs.cache_lengths, backend="xla",
-            )
+        if cache_kv is not None:
+            cache_k = _write_kv(cache_kv[0], k, inputs.cache_lengths, layer_index)
+            cache_v = _write_kv(cache_kv[1], v, inputs.cache_lengths, layer_index)
             new_cache = (cache_k, cache_v)
+            if not inputs.prefill:
+                if layer_index is not None:
+                    cache_k, cache_v = cache_k[layer_index], cache_v[layer_index]
+                q_seg = inputs.segment_ids if inputs.segment_ids is not None else jnp.ones(x.shape[:2], jnp.int32)
+                out = attention_lib.cached_attention(
+                    q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), q_segment_ids=q_seg,
+                    kv_segment_ids=inputs.cache_segment_ids, q_offsets=inputs.cache_lengths)
         out = checkpoint_name(out, "attention_out")
         projected = jnp.einsum("btnh,nhe->bte", out, self.o_kernel[...].astype(x.dtype))
         return constrain(projected, ("act_batch", "act_seq", "act_embed")), new_cache
@@ -271,25 +292,32 @@ class Decoder(nnx.Module):
         out = jnp.einsum("bte,ev->btv", hidden, self.head_kernel())
         return constrain(out, ("act_batch", "act_seq", "act_vocab"))
 
+    @property
+    def stacked(self) -> bool:
+        """True for the scanned layout (one module with stacked layer weights), False after
+        ``unstack_layers``."""
+        return not isinstance(self.layers, nnx.List)
+
     def _run_layers(
         self, x: jax.Array, inputs: _AttentionInputs, cache: KVCache | None
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        graphdef, state = nnx.split(self.layers)
-
-        def body(carry, scanned):
-            hidden, caches = carry
-            layer_state, index = scanned
-            layer = nnx.merge(graphdef, layer_state)
-            hidden, caches = layer(hidden, inputs, caches, index)
-            return (hidden, caches), None
-
+    ) -> tuple[jax.Array, tuple[Any, Any] | None]:
         policy = self.config.remat_policy
-        if policy != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[policy], prevent_cse=False)
+        if not self.stacked:
+            new_k, new_v = [], []
+            for index, layer in enumerate(self.layers):
+                graphdef, layer_state = nnx.split(layer)
+                caches = None if cache is None else (cache.k[index], cache.v[index])
+                (x, caches), _ = _layer_step(graphdef, inputs, policy)((x, caches), (layer_state, None))
+                if caches is not None:
+                    new_k.append(caches[0])
+                    new_v.append(caches[1])
+            return x, None if cache is None else (tuple(new_k), tuple(new_v))
+        graphdef, state = nnx.split(self.layers)
         caches = None if cache is None else (cache.k, cache.v)
         layer_indices = jnp.arange(self.config.num_layers)
         unroll = self.config.num_layers <= _MAX_UNROLLED_LAYERS
-        (x, caches), _ = jax.lax.scan(body, (x, caches), (state, layer_indices), unroll=unroll)
+        (x, caches), _ = jax.lax.scan(
+            _layer_step(graphdef, inputs, policy), (x, caches), (state, layer_indices), unroll=unroll)
         return x, caches
 
     def hidden_states(
@@ -326,6 +354,7 @@ class Decoder(nnx.Module):
         cache: KVCache,
         positions: jax.Array | None = None,
         valid: jax.Array | None = None,
+        prefill: bool = False,
     ) -> tuple[jax.Array, KVCache]:
         """Appends tokens to the cache and returns their logits (prefill or decode).
 
@@ -335,10 +364,19 @@ class Decoder(nnx.Module):
           positions: int [batch, t]; defaults to ``cache.lengths + arange(t)``.
           valid: bool [batch, t]; False marks right-padding that is neither attended to nor
             counted in ``lengths`` (defaults to all True).
+          prefill: static; the caller promises that the cache is empty and that each row of
+            ``valid`` is True then False (right-padding). Attention then runs among the new
+            tokens with the configured backend (memory linear in ``t`` for blockwise, splash
+            and fused) instead of densely against the whole cache; padding queries' outputs
+            are unspecified.
 
         Returns:
           (logits [batch, t, vocab], updated cache).
         """
+        if isinstance(cache.k, tuple) == self.stacked:
+            raise ValueError(
+                f"a {'stacked' if self.stacked else 'per-layer'} decoder needs a cache made with "
+                f"KVCache.create(..., stacked={self.stacked})")
         batch, t = input_ids.shape
         if positions is None:
             positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
@@ -346,11 +384,51 @@ class Decoder(nnx.Module):
         new_segments = valid.astype(jnp.int32)
         cache_segment_ids = _write_rows(cache.segment_ids, new_segments, cache.lengths)
         cos, sin = rotary_angles(positions, self.config.rotary_dim, self.config.rope_theta)
-        inputs = _AttentionInputs(cos, sin, new_segments, cache_segment_ids, cache.lengths)
+        inputs = _AttentionInputs(cos, sin, None if prefill else new_segments, cache_segment_ids,
+                                  cache.lengths, prefill)
         x, (k, v) = self._run_layers(self.embed(input_ids), inputs, cache)
         logits = self.logits(self.final_norm(x))
         lengths = cache.lengths + valid.sum(axis=1).astype(jnp.int32)
         return logits, KVCache(k=k, v=v, segment_ids=cache_segment_ids, lengths=lengths)
+
+
+def _layer_step(graphdef: nnx.GraphDef, inputs: _AttentionInputs, remat_policy: str):
+    """A scan body running one decoder layer: ((hidden, caches), (layer_state, layer_index)) ->
+    ((hidden, caches), None); ``layer_index`` None for a layer with its own cache."""
+
+    def step(carry, scanned):
+        hidden, caches = carry
+        layer_state, index = scanned
+        layer = nnx.merge(graphdef, layer_state)
+        hidden, caches = layer(hidden, inputs, caches, index)
+        return (hidden, caches), None
+
+    if remat_policy == "none":
+        return step
+    return jax.checkpoint(step, policy=_REMAT_POLICIES[remat_policy], prevent_cse=False)
+
+
+def unstack_layers(model: Decoder) -> Decoder:
+    """The inference layout of ``model``: the same parameters, with the layer stack split into
+    ``num_layers`` separate ``DecoderLayer`` modules (logical axes without ``layers``).
+
+    A decode step then reads each layer's weights as whole buffers; with the stacked layout
+    XLA:CPU copies every layer's weights out of the stack on every step. Use caches made with
+    ``KVCache.create(..., stacked=False)``. The returned model holds new arrays (slices); the
+    argument is unchanged.
+    """
+    if not model.stacked:
+        return model
+    config = model.config
+    stacked_values = nnx.to_pure_dict(nnx.state(model.layers))
+    layers = []
+    for index in range(config.num_layers):
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: DecoderLayer(config, nnx.Rngs(0))))
+        nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x[index], stacked_values))
+        layers.append(nnx.merge(graphdef, state))
+    unstacked = nnx.clone(model)
+    unstacked.layers = nnx.List(layers)
+    return unstacked
 
 
 def _default_positions(input_ids: jax.Array) -> jax.Array:
