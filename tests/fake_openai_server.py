@@ -2,13 +2,16 @@
 
 It listens on 127.0.0.1 on an ephemeral port.  Each request to
 ``POST /v1/chat/completions`` takes the next scripted :class:`Behaviour` (a
-normal reply once the script is used up), and every request is logged::
+normal reply once the script is used up), and every request is logged with
+its parsed JSON body::
 
     with FakeOpenAIServer() as server:
-        server.script(Behaviour.error(500), Behaviour.slow(2.0))
+        server.script(Behaviour.error(500), Behaviour.slow(2.0),
+                      Behaviour.tool_calls(("add", {"a": 1, "b": 2})), Behaviour.answer("3"))
         client = OpenAIHTTPClient(server.base_url, "fake-model")
         ...
-        assert len(server.requests) == 3
+        assert len(server.requests) == 5
+        assert server.requests[2].body["tools"] == ...
 """
 
 from __future__ import annotations
@@ -26,18 +29,42 @@ from typing import Any, Callable, Mapping
 class Behaviour:
     """How to answer one request.
 
-    ``body=None`` means a normal completion whose text comes from the server's
-    ``reply`` function; otherwise ``body`` is sent verbatim with ``status``.
+    ``body=None`` means a completion whose first choice holds ``message`` (by
+    default an assistant message with the text of the server's ``reply``
+    function) and ``finish_reason``; otherwise ``body`` is sent verbatim with
+    ``status``.
     """
 
     status: int = 200
     body: str | None = None
     delay_s: float = 0.0
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    message: Mapping[str, Any] | None = None
+    finish_reason: str = "stop"
 
     @classmethod
     def normal(cls) -> Behaviour:
         return cls()
+
+    @classmethod
+    def answer(cls, content: str, finish_reason: str = "stop") -> Behaviour:
+        """A completion with the given text."""
+        return cls(message={"role": "assistant", "content": content}, finish_reason=finish_reason)
+
+    @classmethod
+    def tool_calls(cls, *calls: tuple[str, Mapping[str, Any] | str],
+                   content: str | None = None) -> Behaviour:
+        """A completion calling tools: ``(name, arguments)`` pairs, where arguments given as a
+        mapping are sent as their JSON text and a string is sent verbatim (e.g. broken JSON)."""
+        return cls(finish_reason="tool_calls", message={
+            "role": "assistant",
+            "content": content,
+            "tool_calls": [
+                {"id": f"server_call_{i}", "type": "function",
+                 "function": {"name": name, "arguments": args if isinstance(args, str)
+                              else json.dumps(args)}}
+                for i, (name, args) in enumerate(calls)],
+        })
 
     @classmethod
     def error(cls, status: int = 500, message: str = "internal error") -> Behaviour:
@@ -136,16 +163,14 @@ class FakeOpenAIServer:
         with self._lock:
             self._in_flight -= 1
 
-    def _completion(self, request: Any) -> str:
+    def _completion(self, request: Any, behaviour: Behaviour) -> str:
+        message = behaviour.message or {"role": "assistant", "content": self.reply(request)}
         return json.dumps({
             "id": f"chatcmpl-{len(self.requests)}",
             "object": "chat.completion",
             "model": request.get("model"),
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": self.reply(request)},
-                "finish_reason": "stop",
-            }],
+            "choices": [{"index": 0, "message": message,
+                         "finish_reason": behaviour.finish_reason}],
         })
 
     def _handler_class(self) -> type[http.server.BaseHTTPRequestHandler]:
@@ -169,7 +194,7 @@ class FakeOpenAIServer:
                     if behaviour.delay_s and server._stopping.wait(behaviour.delay_s):
                         return
                     text = behaviour.body if behaviour.body is not None else (
-                        server._completion(body))
+                        server._completion(body, behaviour))
                 finally:
                     # Counted out before answering: once the client has the reply it may send
                     # its next request, which must not overlap this one in the count.

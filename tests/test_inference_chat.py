@@ -1,8 +1,10 @@
-"""Chat and tool-calling loop with a scripted engine, and the local LLMClient."""
+"""Chat and tool-calling loop with a scripted engine and over HTTP, and the local LLMClient."""
 
 import json
 
 import pytest
+from fake_openai_server import Behaviour, FakeOpenAIServer
+from test_inference_llm_client import fast_client
 
 from glmjax.data.chat_template import ChatFormatError, parse_assistant_output, render_messages
 from glmjax.data.tokenizer import default_tokenizer
@@ -41,6 +43,12 @@ class ScriptedEngine:
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return default_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAIServer() as fake:
+        yield fake
 
 
 @pytest.fixture
@@ -152,3 +160,47 @@ def test_parse_tool_call_output():
         parse_assistant_output("python\n{code: 1}")
     assert json.loads(json.dumps(parse_assistant_output('f\n{"x": [1, 2]}'))) == {
         "tool_call": "f", "arguments": {"x": [1, 2]}}
+
+
+def test_tool_calling_over_http(server, calculator):
+    server.script(Behaviour.tool_calls(("add", {"a": 17, "b": 25})), Behaviour.answer("The sum is 42."))
+    question = {"role": "user", "content": "What is 17 + 25?"}
+    result = run_chat(fast_client(server), None, [question], tools=calculator)
+    assert (result.finish_reason, result.answer, result.turns) == ("answer", "The sum is 42.", 2)
+    assert result.messages == [
+        question,
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"function": {"name": "add", "arguments": {"a": 17, "b": 25}}}]},
+        {"role": "observation", "content": "42"},
+        {"role": "assistant", "content": "The sum is 42."},
+    ]
+    first, second = (request.body for request in server.requests)
+    assert first["tools"] == calculator.specs() and first["messages"] == [question]
+    assert second["tools"] == calculator.specs()
+    call, answer = second["messages"][1:]
+    assert call == {"role": "assistant", "content": None, "tool_calls": [{
+        "id": call["tool_calls"][0]["id"], "type": "function",
+        "function": {"name": "add", "arguments": '{"a": 17, "b": 25}'}}]}
+    assert answer == {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"], "content": "42"}
+
+
+def test_http_loop_endings(server, calculator):
+    server.script(Behaviour.answer("It is a long sto", finish_reason="length"),
+                  Behaviour.tool_calls(("add", '{"a": 1, "b":')))
+    client = fast_client(server)
+    result = run_chat(client, None, [{"role": "user", "content": "?"}], tools=calculator)
+    assert (result.finish_reason, result.answer) == ("length", None)
+    assert result.messages[-1] == {"role": "assistant", "content": "\nIt is a long sto"}
+    # Arguments that are not JSON are the model's mistake: the loop reports a format error.
+    result = run_chat(client, None, [{"role": "user", "content": "1+?"}], tools=calculator)
+    assert result.finish_reason == "format_error" and "not valid JSON" in result.error
+    assert result.messages[-1] == {"role": "assistant", "content": 'add\n{"a": 1, "b":'}
+
+
+def test_chat_session_over_http(server):
+    server.script(Behaviour.answer("Hi there."), Behaviour.answer("You said hello."))
+    session = ChatSession(fast_client(server), system="Be brief.")
+    assert session.send("hello").answer == "Hi there."
+    assert session.send("what did I say?").answer == "You said hello."
+    assert server.requests[1].body["messages"] == session.messages[:-1]
+    assert "tools" not in server.requests[1].body

@@ -7,7 +7,9 @@ import pytest
 from fake_openai_server import Behaviour, FakeOpenAIServer
 
 from glmjax.inference.llm_client import (
+    AssistantTurn,
     LLMClient,
+    LLMClientError,
     LLMConnectionError,
     LLMHTTPError,
     LLMResponseError,
@@ -24,7 +26,8 @@ def server():
         yield fake
 
 
-def _client(server: FakeOpenAIServer, **overrides) -> OpenAIHTTPClient:
+def fast_client(server: FakeOpenAIServer, **overrides) -> OpenAIHTTPClient:
+    """A client for ``server`` with short timeouts and backoff."""
     options = dict(timeout_s=1.0, max_retries=2, backoff_base_s=0.01, backoff_max_s=0.05,
                    use_env_proxy=False)
     options.update(overrides)
@@ -36,10 +39,20 @@ def test_interface_is_abstract():
         LLMClient()
     assert issubclass(OpenAIHTTPClient, LLMClient)
 
+    class TextOnly(LLMClient):  # No assistant_turns: the chat loop could not use it.
+        def complete(self, messages, sampling=None):
+            return ""
+
+        def complete_batch(self, conversations, sampling=None):
+            return []
+
+    with pytest.raises(TypeError, match="assistant_turns"):
+        TextOnly()
+
 
 def test_complete_sends_openai_request(server, monkeypatch):
     monkeypatch.setenv("FAKE_API_KEY", "sk-test")
-    client = _client(server, api_key_env="FAKE_API_KEY")
+    client = fast_client(server, api_key_env="FAKE_API_KEY")
     assert client.complete(MESSAGES) == "echo: hi"
     (request,) = server.requests
     assert request.path == "/v1/chat/completions"
@@ -49,7 +62,7 @@ def test_complete_sends_openai_request(server, monkeypatch):
 
 
 def test_sampling_parameters_are_sent_when_set(server):
-    client = _client(server, api_key="sk-direct")
+    client = fast_client(server, api_key="sk-direct")
     sampling = SamplingParams(max_tokens=7, temperature=0.0, top_p=0.9, top_k=20, min_p=0.05,
                               seed=123, stop=["\n\n", "</answer>"])
     client.complete(MESSAGES, sampling)
@@ -74,14 +87,14 @@ def test_configuration_errors(monkeypatch):
 
 def test_server_errors_are_retried(server):
     server.script(Behaviour.error(500), Behaviour.error(503))
-    assert _client(server).complete(MESSAGES) == "echo: hi"
+    assert fast_client(server).complete(MESSAGES) == "echo: hi"
     assert len(server.requests) == 3
 
 
 def test_persistent_server_errors_give_up(server):
     server.script(*[Behaviour.error(502, "bad gateway")] * 5)
     with pytest.raises(LLMHTTPError, match=r"HTTP 502.*bad gateway.*after 3 attempts") as info:
-        _client(server).complete(MESSAGES)
+        fast_client(server).complete(MESSAGES)
     assert info.value.status == 502
     assert len(server.requests) == 3
 
@@ -89,7 +102,7 @@ def test_persistent_server_errors_give_up(server):
 def test_client_errors_are_not_retried(server):
     server.script(Behaviour.error(400, "context length exceeded"))
     with pytest.raises(LLMHTTPError, match="HTTP 400.*context length exceeded") as info:
-        _client(server).complete(MESSAGES)
+        fast_client(server).complete(MESSAGES)
     assert info.value.status == 400 and not info.value.retryable
     assert len(server.requests) == 1
 
@@ -97,7 +110,7 @@ def test_client_errors_are_not_retried(server):
 def test_rate_limit_honours_retry_after(server):
     server.script(Behaviour.rate_limited(retry_after_s=0.3))
     start = time.monotonic()
-    assert _client(server, backoff_max_s=1.0).complete(MESSAGES) == "echo: hi"
+    assert fast_client(server, backoff_max_s=1.0).complete(MESSAGES) == "echo: hi"
     assert len(server.requests) == 2
     assert server.requests[1].time - server.requests[0].time >= 0.3
     assert time.monotonic() - start < 1.0
@@ -106,7 +119,7 @@ def test_rate_limit_honours_retry_after(server):
 def test_timeouts_are_retried(server):
     server.script(Behaviour.slow(3.0))
     start = time.monotonic()
-    assert _client(server, timeout_s=0.3).complete(MESSAGES) == "echo: hi"
+    assert fast_client(server, timeout_s=0.3).complete(MESSAGES) == "echo: hi"
     assert time.monotonic() - start < 1.5
     assert len(server.requests) == 2
 
@@ -114,7 +127,7 @@ def test_timeouts_are_retried(server):
 def test_persistent_timeouts_give_up(server):
     server.script(*[Behaviour.slow(3.0)] * 3)
     with pytest.raises(LLMConnectionError, match="timed out.*after 2 attempts"):
-        _client(server, timeout_s=0.2, max_retries=1).complete(MESSAGES)
+        fast_client(server, timeout_s=0.2, max_retries=1).complete(MESSAGES)
 
 
 @pytest.mark.parametrize("behaviour, message", [
@@ -124,10 +137,10 @@ def test_persistent_timeouts_give_up(server):
 ])
 def test_malformed_replies(server, behaviour, message):
     server.script(behaviour)
-    assert _client(server).complete(MESSAGES) == "echo: hi"  # Retried once, then fine.
+    assert fast_client(server).complete(MESSAGES) == "echo: hi"  # Retried once, then fine.
     server.script(*[behaviour] * 3)
     with pytest.raises(LLMResponseError, match=message):
-        _client(server).complete(MESSAGES)
+        fast_client(server).complete(MESSAGES)
     assert len(server.requests) == 2 + 3
 
 
@@ -145,7 +158,7 @@ def test_unreachable_server():
 def test_batch_preserves_order_and_limits_concurrency(server):
     server.script(*[Behaviour.slow(0.15 - 0.01 * i) for i in range(12)])
     conversations = [[{"role": "user", "content": f"q{i}"}] for i in range(12)]
-    client = _client(server, max_concurrency=3)
+    client = fast_client(server, max_concurrency=3)
     assert client.complete_batch(conversations) == [f"echo: q{i}" for i in range(12)]
     assert server.max_in_flight == 3
     assert client.complete_batch([]) == []
@@ -154,7 +167,7 @@ def test_batch_preserves_order_and_limits_concurrency(server):
 def test_batch_retries_individual_failures(server):
     server.script(Behaviour.error(500), Behaviour.malformed(), Behaviour.rate_limited())
     conversations = [[{"role": "user", "content": f"q{i}"}] for i in range(5)]
-    assert _client(server, max_concurrency=2).complete_batch(conversations) == [
+    assert fast_client(server, max_concurrency=2).complete_batch(conversations) == [
         f"echo: q{i}" for i in range(5)]
     assert len(server.requests) == 8
 
@@ -163,6 +176,82 @@ def test_batch_failure_reports_index_and_cancels_the_rest(server):
     server.script(Behaviour.normal(), Behaviour.error(400, "bad request"))
     conversations = [[{"role": "user", "content": f"q{i}"}] for i in range(8)]
     with pytest.raises(LLMHTTPError, match="HTTP 400") as info:
-        _client(server, max_concurrency=1).complete_batch(conversations)
+        fast_client(server, max_concurrency=1).complete_batch(conversations)
     assert info.value.batch_index == 1
     assert len(server.requests) <= 3
+
+
+ADD_SPEC = {"type": "function", "function": {"name": "add", "description": "Adds.", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
+
+
+def test_assistant_turns_requests_and_replies(server):
+    server.script(
+        Behaviour.answer("hello"),
+        Behaviour.tool_calls(("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4}), content="Let me add."),
+        Behaviour(message={"role": "assistant", "content": None,  # Arguments as an object.
+                           "tool_calls": [{"function": {"name": "add", "arguments": {"a": 5}}}]}),
+    )
+    calls = [{"function": {"name": "add", "arguments": {"a": 1}}},
+             {"function": {"name": "add", "arguments": '{"a": 2}'}}]
+    conversations = [
+        MESSAGES,
+        [{"role": "user", "content": "1+2?"}],
+        [{"role": "user", "content": "two sums"}, {"role": "assistant", "content": "", "tool_calls": calls},
+         {"role": "observation", "content": "1"}, {"role": "tool", "content": "2"}],
+    ]
+    turns = fast_client(server, max_concurrency=1).assistant_turns(
+        conversations, SamplingParams(max_tokens=9, stop=["END"]), tools=[ADD_SPEC, ADD_SPEC["function"]])
+    # Only the first of several calls is taken (one call per turn, as GLM-4 makes them).
+    assert turns == [AssistantTurn("\nhello", [], [], "stop"),
+                     AssistantTurn('add\n{"a": 1, "b": 2}', [], [], "stop"),
+                     AssistantTurn('add\n{"a": 5}', [], [], "stop")]
+    bodies = [request.body for request in server.requests]
+    assert all(body["tools"] == [ADD_SPEC, ADD_SPEC] for body in bodies)
+    assert bodies[0]["messages"] == MESSAGES
+    assert bodies[0]["max_tokens"] == 9 and bodies[0]["stop"] == ["END"]
+    assert bodies[2]["messages"][1:] == [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_0", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}},
+            {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2}'}}]},
+        {"role": "tool", "tool_call_id": "call_0", "content": "1"},
+        {"role": "tool", "tool_call_id": "call_1", "content": "2"},
+    ]
+    fast_client(server).assistant_turns([MESSAGES])
+    assert "tools" not in server.requests[-1].body
+    assert fast_client(server).assistant_turns([]) == []
+
+
+def test_assistant_turns_finish_reasons_and_bad_arguments(server):
+    server.script(Behaviour.answer("cut", finish_reason="length"),
+                  Behaviour.answer("done", finish_reason="eos"),
+                  Behaviour.tool_calls(("add", '{"a": 1,')))
+    turns = fast_client(server, max_concurrency=1).assistant_turns([MESSAGES] * 3)
+    # Broken arguments are model output: passed on verbatim for the chat loop to reject.
+    assert [(t.text, t.finish_reason) for t in turns] == [
+        ("\ncut", "length"), ("\ndone", "stop"), ('add\n{"a": 1,', "stop")]
+
+
+@pytest.mark.parametrize("message, error", [
+    ({"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}, "malformed tool_calls"),
+    ({"role": "assistant", "tool_calls": "add"}, "malformed tool_calls"),
+    ({"role": "assistant", "content": None}, "no message text"),
+])
+def test_assistant_turns_malformed_replies_are_retried(server, message, error):
+    server.script(Behaviour(message=message))
+    assert fast_client(server).assistant_turns([MESSAGES])[0].text == "\necho: hi"
+    server.script(*[Behaviour(message=message)] * 6)  # Three attempts for each conversation.
+    with pytest.raises(LLMResponseError, match=f"{error}.*after 3 attempts") as info:
+        fast_client(server).assistant_turns([MESSAGES] * 2, tools=[ADD_SPEC])
+    assert info.value.batch_index == 0
+
+
+def test_assistant_turns_rejects_unconvertible_conversations(server):
+    orphan = [{"role": "user", "content": "?"}, {"role": "observation", "content": "42"}]
+    nameless = [{"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {}}}]}]
+    with pytest.raises(LLMClientError, match="message 1: 'observation' message answers no tool call") as info:
+        fast_client(server, max_concurrency=1).assistant_turns([MESSAGES, orphan, MESSAGES])
+    assert info.value.batch_index == 1 and not info.value.retryable
+    with pytest.raises(LLMClientError, match=r"message 0: tool_calls\[0\] has no string field 'name'"):
+        fast_client(server).assistant_turns([nameless])
+    assert len(server.requests) == 1  # Only the first conversation of the first batch was sent.

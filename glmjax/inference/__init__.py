@@ -4,6 +4,7 @@ interpreter and LLM clients."""
 from glmjax.inference.chat import ChatResult, ChatSession, run_chat, run_chats
 from glmjax.inference.engine import GenerationEngine, GenerationResult
 from glmjax.inference.llm_client import (
+    AssistantTurn,
     LLMClient,
     LLMClientError,
     LLMConnectionError,
@@ -12,7 +13,7 @@ from glmjax.inference.llm_client import (
     OpenAIHTTPClient,
     SamplingParams,
 )
-from glmjax.inference.local_client import AssistantTurn, LocalEngineClient
+from glmjax.inference.local_client import LocalEngineClient
 from glmjax.inference.python_tool import (
     ExecutionResult,
     PythonInterpreter,

@@ -1,7 +1,11 @@
 """The chat and tool-calling loop: generate a turn, run a tool call, append the observation, repeat.
 
-Each round renders the conversation with the GLM-4 template (tool specs in the system turn),
-generates one assistant turn until a stop token and parses it (``parse_assistant_output``):
+Each round asks an ``LLMClient`` for the next assistant turn of every active conversation
+(``LLMClient.assistant_turns`` with the tool specs) and parses the turn, which comes in the GLM-4
+turn-text convention (``parse_assistant_output``). The model can be served anywhere: the local
+engine (``LocalEngineClient``, which renders the GLM-4 template with the tool specs in the system
+turn) or an OpenAI-compatible endpoint (``OpenAIHTTPClient``, which sends native ``tools`` /
+``tool_calls`` / ``tool`` messages). Per turn:
 
 * a plain reply ends the loop with that answer;
 * a tool call ``{name}\\n{JSON arguments}`` is appended as an assistant message with
@@ -11,7 +15,7 @@ generates one assistant turn until a stop token and parses it (``parse_assistant
 The loop also ends when a turn runs out of tokens ("length"), when a turn is neither a reply nor a
 well-formed tool call ("format_error"; the raw text is kept as the assistant's content), or after
 ``max_turns`` generated turns ("max_turns"). :func:`run_chats` steps many conversations in
-lockstep, one engine batch per round.
+lockstep, one ``assistant_turns`` batch per round.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from glmjax.data.chat_template import ChatFormatError, parse_assistant_output
 from glmjax.inference.engine import GenerationEngine
-from glmjax.inference.llm_client import SamplingParams
+from glmjax.inference.llm_client import LLMClient, SamplingParams
 from glmjax.inference.local_client import LocalEngineClient
 from glmjax.inference.tools import ToolRegistry
 
@@ -51,9 +55,9 @@ class ChatResult:
     error: str | None = None
 
 
-def _as_client(model: GenerationEngine | LocalEngineClient,
-               tokenizer: PreTrainedTokenizerBase | None) -> LocalEngineClient:
-    if isinstance(model, LocalEngineClient):
+def _as_client(model: GenerationEngine | LLMClient,
+               tokenizer: PreTrainedTokenizerBase | None) -> LLMClient:
+    if isinstance(model, LLMClient):
         return model
     if tokenizer is None:
         raise ValueError("a tokenizer is needed to chat with a GenerationEngine")
@@ -61,7 +65,7 @@ def _as_client(model: GenerationEngine | LocalEngineClient,
 
 
 def run_chats(
-    model: GenerationEngine | LocalEngineClient,
+    model: GenerationEngine | LLMClient,
     tokenizer: PreTrainedTokenizerBase | None,
     conversations: Sequence[Sequence[Mapping[str, Any]]],
     tools: ToolRegistry | None = None,
@@ -72,8 +76,10 @@ def run_chats(
     """Runs the tool-calling loop for every conversation, batching each round.
 
     Args:
-      model: a ``GenerationEngine`` (with ``tokenizer``) or a ``LocalEngineClient``.
-      tokenizer: GLM-4 tokenizer; unused when ``model`` is a client.
+      model: a ``GenerationEngine`` (chatted with through ``LocalEngineClient(model, tokenizer)``)
+        or any ``LLMClient``, used as is (e.g. ``OpenAIHTTPClient`` for vLLM / SGLang / hosted
+        endpoints).
+      tokenizer: GLM-4 tokenizer; needed for a ``GenerationEngine``, unused for a client.
       conversations: message lists, each ending where the assistant should answer.
       tools: the tools offered to the model (None: none; a tool call then gets an error
         observation).
@@ -83,6 +89,11 @@ def run_chats(
 
     Returns:
       One ``ChatResult`` per conversation, in order.
+
+    Raises:
+      ValueError: ``max_turns < 1``, or a ``GenerationEngine`` without a tokenizer.
+      LLMClientError: from the client (e.g. an HTTP failure after its retries), ending every
+        conversation of the batch.
     """
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
@@ -128,7 +139,7 @@ def run_chats(
 
 
 def run_chat(
-    model: GenerationEngine | LocalEngineClient,
+    model: GenerationEngine | LLMClient,
     tokenizer: PreTrainedTokenizerBase | None,
     messages: Sequence[Mapping[str, Any]],
     tools: ToolRegistry | None = None,
@@ -150,7 +161,7 @@ class ChatSession:
 
     def __init__(
         self,
-        model: GenerationEngine | LocalEngineClient,
+        model: GenerationEngine | LLMClient,
         tokenizer: PreTrainedTokenizerBase | None = None,
         *,
         tools: ToolRegistry | None = None,

@@ -98,7 +98,9 @@ class GenerationEngine:
     """Compiled, batched, optionally sharded generation for a ``Decoder``.
 
     Args:
-      model: the decoder (its parameters are copied onto ``mesh`` when one is given).
+      model: the decoder. The engine keeps its own per-layer copy of the parameters
+        (``unstack_layers``), placed on ``mesh`` when one is given; drop other references to
+        ``model`` to free the stacked ones.
       mesh: device mesh over ``glmjax.sharding.MESH_AXES``; None runs on the model's devices.
       rules: logical axis rules for the mesh (default: the active rules).
       max_batch_size: rows per call of a compiled program; larger requests run in chunks of this

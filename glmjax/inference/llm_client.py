@@ -1,15 +1,23 @@
 """One interface for text generation from chat messages, whatever serves the model.
 
 :class:`LLMClient` is what judges, rollouts and agents program against:
-``complete(messages, sampling) -> text`` and its batched form.  This module
-provides :class:`OpenAIHTTPClient` for any OpenAI-compatible
-``/v1/chat/completions`` endpoint (vLLM, SGLang, hosted APIs); the local JAX
-engine implements the same interface elsewhere.
+``complete(messages, sampling) -> text``, its batched form, and
+``assistant_turns(conversations, sampling, tools)`` for the tool-calling chat loop
+(``glmjax.inference.chat``).  This module provides :class:`OpenAIHTTPClient` for
+any OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, SGLang, hosted
+APIs); the local JAX engine implements the same interface in ``local_client``.
+
+Conversations use the GLM-4 message format of ``glmjax.data.chat_template``:
+roles ``system``/``user``/``assistant``/``observation`` (``tool`` is an alias of
+``observation``), and an assistant tool call is an assistant message with
+``tool_calls: [{"function": {"name": str, "arguments": dict | JSON str}}]``
+answered by the ``observation`` messages that follow it, in order.
 """
 
 from __future__ import annotations
 
 import abc
+import collections
 import concurrent.futures
 import dataclasses
 import http.client
@@ -20,10 +28,17 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence, TypeVar
 
 Message = Mapping[str, Any]
 """A chat message: ``{"role": "system" | "user" | "assistant" | ..., "content": str}``."""
+
+ToolSpecDict = Mapping[str, Any]
+"""A tool spec as ``ToolRegistry.specs()`` gives it: ``{"type": "function", "function": {"name",
+"description", "parameters"}}`` (the inner object alone is accepted too)."""
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +79,27 @@ class SamplingParams:
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class AssistantTurn:
+    """One generated assistant turn in the GLM-4 turn-text convention.
+
+    Attributes:
+      text: what follows ``<|assistant|>`` in the GLM-4 format, without the stop token:
+        ``"\\n{reply}"`` for a plain reply or ``"{tool name}\\n{JSON arguments}"`` for a tool call
+        (``glmjax.data.chat_template.parse_assistant_output`` tells them apart); ends before the
+        first ``SamplingParams.stop`` string, if any occurs.
+      tokens: generated ids, including a final stop token (not cut by stop strings); empty when
+        the client does not see tokens (:class:`OpenAIHTTPClient`).
+      logprobs: one per token (see ``glmjax.inference.sampling``); empty when ``tokens`` is.
+      finish_reason: "stop" (stop token or stop string) or "length" (``max_tokens`` reached).
+    """
+
+    text: str
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: Literal["stop", "length"]
+
+
 class LLMClient(abc.ABC):
     """Generates assistant text for chat conversations."""
 
@@ -76,6 +112,31 @@ class LLMClient(abc.ABC):
         self, conversations: Sequence[Sequence[Message]], sampling: SamplingParams | None = None
     ) -> list[str]:
         """Return one reply per conversation, in the order given."""
+
+    @abc.abstractmethod
+    def assistant_turns(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        sampling: SamplingParams | None = None,
+        tools: Sequence[ToolSpecDict] | None = None,
+    ) -> list[AssistantTurn]:
+        """Return the next assistant turn of each conversation, in the order given.
+
+        Args:
+          conversations: message lists in the GLM-4 format (module docstring), each ending where
+            the assistant should speak.
+          sampling: generation settings (default ``SamplingParams()``).
+          tools: tool specs offered to the model (``ToolRegistry.specs()``); None or empty offers
+            none.
+
+        Returns:
+          One :class:`AssistantTurn` per conversation, whose ``text`` is a plain reply or a tool
+          call in the GLM-4 turn-text convention.
+
+        Raises:
+          LLMClientError: a turn could not be generated (``batch_index`` names the conversation
+            where the implementation knows it).
+        """
 
 
 class LLMClientError(RuntimeError):
@@ -122,6 +183,10 @@ class _Skipped(Exception):
 class OpenAIHTTPClient(LLMClient):
     """Client for an OpenAI-compatible chat-completions endpoint (standard library only).
 
+    Tool calling (:meth:`assistant_turns`) uses the endpoint's native ``tools`` /
+    ``tool_calls`` fields, so the server must parse tool calls for the model (e.g. vLLM
+    ``--enable-auto-tool-choice --tool-call-parser ...``).
+
     Args:
       base_url: API root including the version, as in the OpenAI SDK, e.g.
         ``http://localhost:8000/v1``; requests go to ``{base_url}/chat/completions``.
@@ -135,7 +200,8 @@ class OpenAIHTTPClient(LLMClient):
       backoff_base_s, backoff_max_s: retry ``n`` waits a random time between
         half and all of ``min(backoff_max_s, backoff_base_s * 2**(n-1))``, and
         at least the server's ``Retry-After`` (capped at ``backoff_max_s``).
-      max_concurrency: requests in flight at once in :meth:`complete_batch`.
+      max_concurrency: requests in flight at once in :meth:`complete_batch` and
+        :meth:`assistant_turns`.
       use_env_proxy: honour ``http_proxy``/``https_proxy``/``no_proxy``.
     """
 
@@ -175,19 +241,9 @@ class OpenAIHTTPClient(LLMClient):
         self._random = random.Random()
 
     def complete(self, messages: Sequence[Message], sampling: SamplingParams | None = None) -> str:
-        """Return the reply text, retrying transient failures; raise :class:`LLMClientError`."""
-        body = json.dumps(self._payload(messages, sampling or SamplingParams())).encode()
-        attempt = 1
-        while True:
-            try:
-                return self._attempt(body)
-            except LLMClientError as error:
-                if not error.retryable or attempt > self.max_retries:
-                    if attempt > 1:
-                        error.args = (f"{error.args[0]} (gave up after {attempt} attempts)",)
-                    raise
-                time.sleep(self._backoff_s(attempt, error.retry_after_s))
-                attempt += 1
+        """Return the reply text to ``messages`` (sent as :func:`to_openai_messages` converts them),
+        retrying transient failures; raise :class:`LLMClientError`."""
+        return self._post(self._payload(messages, sampling or SamplingParams()), _reply_text)
 
     def complete_batch(
         self, conversations: Sequence[Sequence[Message]], sampling: SamplingParams | None = None
@@ -198,25 +254,66 @@ class OpenAIHTTPClient(LLMClient):
         started are cancelled and the failure of the lowest index is raised, with
         its ``batch_index`` set.
         """
-        if not conversations:
+        return self._map_concurrently(lambda messages: self.complete(messages, sampling),
+                                      conversations)
+
+    def assistant_turns(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        sampling: SamplingParams | None = None,
+        tools: Sequence[ToolSpecDict] | None = None,
+    ) -> list[AssistantTurn]:
+        """The next assistant turn of each conversation, requested concurrently.
+
+        Requests go out and fail as in :meth:`complete_batch`.  Each conversation is sent in the
+        OpenAI format (:func:`to_openai_messages`) with ``tools`` as the request's ``"tools"``
+        (only when given); the server applies the chat template, the tool-call parser and the
+        ``stop`` strings.  The first choice becomes a turn in the GLM-4 turn-text convention:
+
+        * a message with ``tool_calls``: ``"{name}\\n{arguments}"`` for the *first* call (the
+          chat loop, like GLM-4, makes one call per turn; further calls in the same message are
+          dropped, so the model only ever sees the call that was answered).  ``arguments`` is
+          passed on verbatim (an object is serialised to JSON), so arguments that are not a JSON
+          object come back as a turn that ``parse_assistant_output`` rejects (the chat loop's
+          "format_error"): bad arguments are model output, not a transport failure.  Any
+          content next to the calls is dropped;
+        * otherwise ``"\\n{content}"``.
+
+        ``finish_reason`` is "length" when the server reports "length", else "stop".  ``tokens``
+        and ``logprobs`` are empty lists (the server does not return token ids).
+
+        Raises:
+          LLMClientError: as :meth:`complete_batch`; also :class:`LLMResponseError` (retried) for
+            a reply with neither text nor ``tool_calls``, or with ``tool_calls`` that are not a
+            list of ``{"function": {"name": non-empty str, ...}}`` objects, and a non-retryable
+            :class:`LLMClientError` for a conversation that cannot be converted.
+        """
+        sampling = sampling or SamplingParams()
+        return self._map_concurrently(
+            lambda messages: self._post(self._payload(messages, sampling, tools), _reply_turn),
+            conversations)
+
+    def _map_concurrently(self, function: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+        """``[function(item) for item in items]``, run as :meth:`complete_batch` describes."""
+        if not items:
             return []
-        workers = min(self.max_concurrency, len(conversations))
+        workers = min(self.max_concurrency, len(items))
         failed = threading.Event()
 
-        def run(conversation: Sequence[Message]) -> str:
-            # Requests are started in index order, so every one skipped here has a higher
-            # index than the failure that set the event.
+        def run(item: _T) -> _R:
+            # Items are started in index order, so every one skipped here has a higher index
+            # than the failure that set the event.
             if failed.is_set():
                 raise _Skipped()
             try:
-                return self.complete(conversation, sampling)
+                return function(item)
             except BaseException:
                 failed.set()
                 raise
 
         executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="llm-client")
         try:
-            futures = [executor.submit(run, c) for c in conversations]
+            futures = [executor.submit(run, item) for item in items]
             concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
@@ -228,10 +325,15 @@ class OpenAIHTTPClient(LLMClient):
                 raise error
         return [future.result() for future in futures]
 
-    def _payload(self, messages: Sequence[Message], sampling: SamplingParams) -> dict[str, Any]:
+    def _payload(
+        self,
+        messages: Sequence[Message],
+        sampling: SamplingParams,
+        tools: Sequence[ToolSpecDict] | None = None,
+    ) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "model": self.model,
-            "messages": [dict(m) for m in messages],
+            "messages": to_openai_messages(messages),
             "max_tokens": sampling.max_tokens,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
@@ -246,7 +348,26 @@ class OpenAIHTTPClient(LLMClient):
             payload["seed"] = sampling.seed
         if sampling.stop:
             payload["stop"] = list(sampling.stop)
+        if tools:
+            payload["tools"] = [dict(tool) if "function" in tool
+                                else {"type": "function", "function": dict(tool)}
+                                for tool in tools]
         return payload
+
+    def _post(self, payload: Mapping[str, Any], parse: Callable[[bytes, str], _T]) -> _T:
+        """POST ``payload`` and ``parse(body, url)`` the reply, retrying transient failures."""
+        body = json.dumps(payload).encode()
+        attempt = 1
+        while True:
+            try:
+                return parse(self._attempt(body), self.url)
+            except LLMClientError as error:
+                if not error.retryable or attempt > self.max_retries:
+                    if attempt > 1:
+                        error.args = (f"{error.args[0]} (gave up after {attempt} attempts)",)
+                    raise
+                time.sleep(self._backoff_s(attempt, error.retry_after_s))
+                attempt += 1
 
     def _backoff_s(self, retry: int, retry_after_s: float | None) -> float:
         ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (retry - 1))
@@ -255,12 +376,12 @@ class OpenAIHTTPClient(LLMClient):
             delay = max(delay, min(retry_after_s, self.backoff_max_s))
         return delay
 
-    def _attempt(self, body: bytes) -> str:
-        """One POST; classify every failure as a (non-)retryable :class:`LLMClientError`."""
+    def _attempt(self, body: bytes) -> bytes:
+        """One POST returning the reply body; every failure is a (non-)retryable error."""
         request = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
         try:
             with self._opener.open(request, timeout=self.timeout_s) as response:
-                raw = response.read()
+                return response.read()
         except urllib.error.HTTPError as error:
             status = error.code
             detail = _read_error_body(error)
@@ -277,11 +398,58 @@ class OpenAIHTTPClient(LLMClient):
         except (TimeoutError, http.client.HTTPException, OSError) as error:
             reason = "timed out" if isinstance(error, TimeoutError) else repr(error)
             raise LLMConnectionError(f"POST {self.url} failed: {reason}", retryable=True) from None
-        return _parse_completion(raw, self.url)
 
 
-def _parse_completion(raw: bytes, url: str) -> str:
-    """The first choice's message text from a chat-completions reply body."""
+def to_openai_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Converts a GLM-4 format conversation (module docstring) to OpenAI chat messages.
+
+    * An assistant message with ``tool_calls`` becomes ``{"role": "assistant", "content": str or
+      None, "tool_calls": [{"id": "call_<n>", "type": "function", "function": {"name",
+      "arguments": JSON str}}]}``, ``n`` counting the calls of the conversation from 0.
+    * An ``observation`` (or ``tool``) message becomes ``{"role": "tool", "tool_call_id": ...,
+      "content": ...}`` answering the oldest call not yet answered.
+    * Every other message is copied as is.
+
+    Raises:
+      LLMClientError: (not retryable) a tool call without a non-empty string ``name``, or an
+        observation that answers no call; the message index is named.
+    """
+    converted: list[dict[str, Any]] = []
+    unanswered: collections.deque[str] = collections.deque()
+    calls_seen = 0
+    for index, message in enumerate(messages):
+        role = message.get("role")
+        if role == "assistant" and message.get("tool_calls"):
+            calls = []
+            for call_index, call in enumerate(message["tool_calls"]):
+                function = call.get("function", call) if isinstance(call, Mapping) else None
+                name = function.get("name") if isinstance(function, Mapping) else None
+                if not isinstance(name, str) or not name:
+                    raise LLMClientError(f"message {index}: tool_calls[{call_index}] has no "
+                                         "string field 'name'")
+                arguments = function.get("arguments", {})
+                if not isinstance(arguments, str):
+                    arguments = json.dumps(arguments, ensure_ascii=False)
+                call_id = f"call_{calls_seen}"
+                calls_seen += 1
+                unanswered.append(call_id)
+                calls.append({"id": call_id, "type": "function",
+                              "function": {"name": name, "arguments": arguments}})
+            converted.append({**message, "content": message.get("content") or None,
+                              "tool_calls": calls})
+        elif role in ("observation", "tool"):
+            if not unanswered:
+                raise LLMClientError(f"message {index}: {role!r} message answers no tool call "
+                                     "(no unanswered assistant tool_calls before it)")
+            converted.append({"role": "tool", "tool_call_id": unanswered.popleft(),
+                              "content": message.get("content")})
+        else:
+            converted.append(dict(message))
+    return converted
+
+
+def _first_message(raw: bytes, url: str) -> tuple[Mapping[str, Any], Any]:
+    """The first choice's ``message`` object and ``finish_reason`` from a reply body."""
     try:
         data = json.loads(raw)
     except ValueError:
@@ -292,11 +460,44 @@ def _parse_completion(raw: bytes, url: str) -> str:
         raise LLMResponseError(f"reply from {url} has no choices: {_excerpt(raw)}", retryable=True)
     first = choices[0]
     message = first.get("message") if isinstance(first, dict) else None
-    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(message, dict):
+        raise LLMResponseError(f"reply from {url} has no message in its first choice: "
+                               f"{_excerpt(raw)}", retryable=True)
+    return message, first.get("finish_reason")
+
+
+def _message_text(message: Mapping[str, Any], raw: bytes, url: str) -> str:
+    content = message.get("content")
     if not isinstance(content, str):
         raise LLMResponseError(f"reply from {url} has no message text in its first choice: "
                                f"{_excerpt(raw)}", retryable=True)
     return content
+
+
+def _reply_text(raw: bytes, url: str) -> str:
+    """The first choice's message text from a chat-completions reply body."""
+    return _message_text(_first_message(raw, url)[0], raw, url)
+
+
+def _reply_turn(raw: bytes, url: str) -> AssistantTurn:
+    """The first choice as an :class:`AssistantTurn` (:meth:`OpenAIHTTPClient.assistant_turns`)."""
+    message, finish_reason = _first_message(raw, url)
+    calls = message.get("tool_calls")
+    if calls:
+        first = calls[0] if isinstance(calls, list) else None
+        function = first.get("function") if isinstance(first, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            raise LLMResponseError(f"reply from {url} has malformed tool_calls (expected "
+                                   f"[{{'function': {{'name': str, 'arguments': str}}}}]): "
+                                   f"{_excerpt(raw)}", retryable=True)
+        arguments = function.get("arguments")
+        if not isinstance(arguments, str):  # Some servers send the object itself.
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        text = f"{name}\n{arguments}"
+    else:
+        text = "\n" + _message_text(message, raw, url)
+    return AssistantTurn(text, [], [], "length" if finish_reason == "length" else "stop")
 
 
 def _read_error_body(error: urllib.error.HTTPError) -> str:

@@ -7,36 +7,22 @@ generated as one batch through the engine until a chat stop token (``<|user|>``,
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
 from glmjax.data.chat_template import ChatFormatError, encode_chat, parse_assistant_output, stop_token_ids
 from glmjax.inference.engine import GenerationEngine
-from glmjax.inference.llm_client import LLMClient, LLMClientError, Message, SamplingParams
+from glmjax.inference.llm_client import (
+    AssistantTurn,
+    LLMClient,
+    LLMClientError,
+    Message,
+    SamplingParams,
+    ToolSpecDict,
+)
 from glmjax.inference.sampling import SamplingConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class AssistantTurn:
-    """One generated assistant turn in the GLM-4 format.
-
-    Attributes:
-      text: what follows ``<|assistant|>``, without the stop token: ``"\\n{reply}"`` for a plain
-        reply or ``"{tool name}\\n{JSON arguments}"`` for a tool call (``parse_assistant_output``);
-        cut before the first ``SamplingParams.stop`` string, if any occurs.
-      tokens: generated ids, including a final stop token (not cut by stop strings).
-      logprobs: one per token (see ``glmjax.inference.sampling``).
-      finish_reason: "stop" (stop token or stop string) or "length".
-    """
-
-    text: str
-    tokens: list[int]
-    logprobs: list[float]
-    finish_reason: Literal["stop", "length"]
 
 
 def reply_text(turn_text: str) -> str:
@@ -76,7 +62,7 @@ class LocalEngineClient(LLMClient):
         self,
         conversations: Sequence[Sequence[Message]],
         sampling: SamplingParams | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
+        tools: Sequence[ToolSpecDict] | None = None,
     ) -> list[AssistantTurn]:
         """Generates the next assistant turn of every conversation (one engine batch).
 
