@@ -26,6 +26,14 @@ sandboxed Python interpreter. Commands: ``/reset`` (new conversation), ``/exit``
 The model comes from ``--hf_dir`` (safetensors + config.json) or ``--orbax_dir`` (a glmjax model
 checkpoint: orbax parameters + model_config.json); the tokenizer from ``--tokenizer_dir`` (default:
 ``--hf_dir``).
+
+Memory check (``--compile_only``): compiles the generation program for ``--batch_size`` prompts
+of ``--prompt_len`` tokens and ``--max_new_tokens`` (the sampling flags select the program) on
+``--mesh_shape`` and prints bytes per device as JSON, without reading any weights; the model
+config comes from ``--preset``, ``--hf_dir``'s config.json or ``--orbax_dir``'s
+model_config.json::
+
+  python -m launch.generate --compile_only --preset=glm4-9b --dtype=bfloat16 --mesh_shape=1,1,8,1
 """
 
 from __future__ import annotations
@@ -34,14 +42,17 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any, TextIO
 
 from absl import app, flags
 
 from glmjax import sharding
+from glmjax import flops
 from glmjax.checkpoints import from_pretrained
-from glmjax.checkpoints.orbax_io import load_model
+from glmjax.checkpoints.hf_config import config_from_hf, read_hf_config
+from glmjax.checkpoints.orbax_io import load_model, read_model_config
 from glmjax.data.chat_template import ChatFormatError, encode_chat, stop_token_ids
 from glmjax.data.tokenizer import load_tokenizer
 from glmjax.inference.chat import ChatSession
@@ -51,6 +62,7 @@ from glmjax.inference.local_client import LocalEngineClient
 from glmjax.inference.python_tool import register_python_tool
 from glmjax.inference.sampling import SamplingConfig
 from glmjax.inference.tools import ToolRegistry
+from glmjax.models import ModelConfig, abstract_model, preset
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HF checkpoint directory (config.json + safetensors).")
 _ORBAX_DIR = flags.DEFINE_string("orbax_dir", None, "glmjax orbax model checkpoint directory.")
@@ -74,6 +86,14 @@ _INTERACTIVE = flags.DEFINE_bool("interactive", False, "Chat on the terminal ins
 _SYSTEM = flags.DEFINE_string("system", None, "System prompt (interactive mode).")
 _TOOLS = flags.DEFINE_list("tools", [], "Tools offered in interactive mode: python.")
 _MAX_TURNS = flags.DEFINE_integer("max_turns", 8, "Assistant turns per user message (interactive).")
+_ATTENTION_BACKEND = flags.DEFINE_enum(
+    "attention_backend", None, ["xla", "blockwise", "fused", "splash", "sample"],
+    "Attention for the prefill (default: the model config's): blockwise on CPU, splash on TPU, "
+    "fused (cuDNN) on GPU keep long prompts' attention memory linear in their length.")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False,
+                                  "Compile the program, print memory per device as JSON, exit.")
+_PRESET = flags.DEFINE_string("preset", None, "Model preset for --compile_only (no weights needed).")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 1024, "Prompt length for --compile_only.")
 
 
 class RowError(ValueError):
@@ -276,18 +296,66 @@ def _load(mesh):
     if (_HF_DIR.value is None) == (_ORBAX_DIR.value is None):
         raise app.UsageError("give exactly one of --hf_dir and --orbax_dir")
     if _HF_DIR.value is not None:
-        return from_pretrained(_HF_DIR.value, dtype=_DTYPE.value, mesh=mesh)
-    return load_model(_ORBAX_DIR.value, mesh=mesh)
+        return from_pretrained(_HF_DIR.value, dtype=_DTYPE.value, mesh=mesh, **_config_overrides())
+    return load_model(_ORBAX_DIR.value, mesh=mesh, **_config_overrides())
+
+
+def compile_report(
+    config: ModelConfig,
+    mesh,
+    batch: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+) -> dict[str, Any]:
+    """Compiles the generation program for an abstract ``config`` model on ``mesh`` (None: one
+    device) and reports its memory per device (XLA's figures) and the compile time."""
+    engine = GenerationEngine(abstract_model(config), mesh=mesh, max_batch_size=batch)
+    start = time.time()
+    memory = engine.compile(batch, prompt_len, max_new_tokens, sampling).memory_analysis()
+    return {
+        "devices": 1 if mesh is None else mesh.size,
+        "mesh": None if mesh is None else dict(zip(mesh.axis_names, mesh.axis_sizes)),
+        "batch": batch, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
+        "parameters": flops.count_params(config).total,
+        "param_dtype": config.param_dtype, "compute_dtype": config.compute_dtype,
+        "argument_bytes_per_device": memory.argument_size_in_bytes,
+        "output_bytes_per_device": memory.output_size_in_bytes,
+        "temp_bytes_per_device": memory.temp_size_in_bytes,
+        "compile_seconds": round(time.time() - start, 2),
+    }
+
+
+def _config_for_compile() -> ModelConfig:
+    sources = [_PRESET.value, _HF_DIR.value, _ORBAX_DIR.value]
+    if sum(source is not None for source in sources) != 1:
+        raise app.UsageError("--compile_only needs exactly one of --preset, --hf_dir, --orbax_dir")
+    if _ORBAX_DIR.value is not None:
+        return read_model_config(_ORBAX_DIR.value, **_config_overrides())
+    overrides = {"param_dtype": _DTYPE.value, "compute_dtype": _DTYPE.value, **_config_overrides()}
+    if _PRESET.value is not None:
+        return preset(_PRESET.value).replace(**overrides)
+    return config_from_hf(read_hf_config(_HF_DIR.value), os.path.join(_HF_DIR.value, "config.json"),
+                          **overrides)
+
+
+def _config_overrides() -> dict[str, str]:
+    return {} if _ATTENTION_BACKEND.value is None else {"attention_backend": _ATTENTION_BACKEND.value}
 
 
 def main(argv: list[str]) -> None:
     del argv
+    mesh = None if _MESH_SHAPE.value is None else sharding.make_mesh([int(s) for s in _MESH_SHAPE.value])
+    sampling = SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value)
+    if _COMPILE_ONLY.value:
+        print(json.dumps(compile_report(_config_for_compile(), mesh, _BATCH_SIZE.value, _PROMPT_LEN.value,
+                                        _MAX_NEW_TOKENS.value, sampling)))
+        return
     tokenizer_dir = _TOKENIZER_DIR.value or _HF_DIR.value
     if tokenizer_dir is None:
         raise app.UsageError("--tokenizer_dir is required with --orbax_dir")
     if not _INTERACTIVE.value and (_INPUT.value is None or _OUTPUT.value is None):
         raise app.UsageError("batch mode needs --input and --output (or pass --interactive)")
-    mesh = None if _MESH_SHAPE.value is None else sharding.make_mesh([int(s) for s in _MESH_SHAPE.value])
     tokenizer = load_tokenizer(tokenizer_dir)
     engine = GenerationEngine(_load(mesh), mesh=mesh, max_batch_size=_BATCH_SIZE.value)
     if _INTERACTIVE.value:
@@ -297,7 +365,6 @@ def main(argv: list[str]) -> None:
         run_interactive(engine, tokenizer, sampling=sampling, tools=_TOOLS.value,
                         system=_SYSTEM.value, max_turns=_MAX_TURNS.value)
         return
-    sampling = SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value)
     try:
         counts = run_batch(engine, tokenizer, _INPUT.value, _OUTPUT.value, sampling=sampling,
                            max_new_tokens=_MAX_NEW_TOKENS.value, batch_size=_BATCH_SIZE.value,

@@ -9,6 +9,7 @@ import torch
 
 import glmjax
 from glmjax import sharding
+from glmjax.models import abstract_model, preset
 from glmjax.inference.engine import GenerationEngine
 from glmjax.inference.sampling import (
     SamplingConfig, first_argmax, nucleus_mask, process_logits, select_tokens, token_logprobs)
@@ -235,3 +236,16 @@ def test_filters_never_sort_the_vocabulary(sampling):
             jnp.zeros((4, 4096)), jax.random.split(jax.random.key(0), 4),
             sampling.dynamic_values()).compile().as_text()
     assert " sort(" not in compiled
+
+
+def test_abstract_engine_compiles_sharded_but_cannot_generate():
+    config = preset("glm4-tiny")
+    mesh = sharding.make_mesh((1, 1, 4, 1), devices=jax.devices()[:4])
+    engine = GenerationEngine(abstract_model(config), mesh=mesh, max_batch_size=8)
+    assert engine.abstract
+    compiled = engine.compile(batch=5, prompt_len=20, max_new_tokens=9)
+    tokens, logprobs, counts = compiled.out_info
+    assert tokens.shape == (8, 16) and counts.shape == (8,)  # batch and budget buckets
+    assert compiled.memory_analysis().argument_size_in_bytes > 0
+    with pytest.raises(ValueError, match="abstract model"):
+        engine.generate([[1, 2, 3]], max_new_tokens=2)

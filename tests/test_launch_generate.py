@@ -138,3 +138,20 @@ def test_interactive_tool_calling_run(setup):
     assert 'user> [tool call] python {"code": "print(6 * 7)"}' in lines
     assert "[observation] 42" in stdout.getvalue()
     assert "assistant> 6 * 7 = 42." in lines
+
+
+def test_compile_only_reports_memory_per_device_without_weights(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "launch.generate", "--compile_only", "--preset=glm4-tiny",
+               "--mesh_shape=2,1,4,1", "--batch_size=4", "--prompt_len=40", "--max_new_tokens=20",
+               "--temperature=0.7", "--top_p=0.9"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(glmjax.__file__)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    config = preset("glm4-tiny")
+    assert report["devices"] == 8 and report["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4, "sequence": 1}
+    # fp32 parameters, tensor-parallel over 4: each device holds well under all of them.
+    all_param_bytes = 4 * report["parameters"]
+    assert all_param_bytes / 4 <= report["argument_bytes_per_device"] < all_param_bytes
+    assert report["temp_bytes_per_device"] > 0

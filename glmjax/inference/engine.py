@@ -4,7 +4,7 @@ One ``generate`` call runs one compiled program per chunk of prompts (``max_batc
 
 * **prefill**: every prompt token but the last is written into a fresh ``KVCache`` in one
   forward (rows right-padded, ``valid`` masks the padding), with the model's attention backend
-  (so a long prompt's attention memory is that of blockwise / splash / cuDNN attention). Their
+  (splash on TPU or cuDNN on GPU keep a long prompt's attention memory linear). Their
   logits are unused, so XLA drops the LM head, which for a large vocabulary is most of the
   prefill's memory.
 * **decode**: a ``jax.lax.while_loop`` that feeds each row's last token (first the last prompt
@@ -100,7 +100,8 @@ class GenerationEngine:
     Args:
       model: the decoder. The engine keeps its own per-layer copy of the parameters
         (``unstack_layers``), placed on ``mesh`` when one is given; drop other references to
-        ``model`` to free the stacked ones.
+        ``model`` to free the stacked ones. An abstract model (``abstract_model``) gives an
+        engine that can only ``compile`` (memory checks for large models).
       mesh: device mesh over ``glmjax.sharding.MESH_AXES``; None runs on the model's devices.
       rules: logical axis rules for the mesh (default: the active rules).
       max_batch_size: rows per call of a compiled program; larger requests run in chunks of this
@@ -137,9 +138,15 @@ class GenerationEngine:
         self.logprob_mode = logprob_mode
         self.cache_dtype = cache_dtype or self.config.compute_dtype
         self._graphdef, state = nnx.split(unstack_layers(model))
+        self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
         if mesh is not None:
             with self._context():
-                state = jax.device_put(state, state_shardings(state, mesh, rules))
+                shardings = state_shardings(state, mesh, rules)
+                if self.abstract:
+                    state = jax.tree.map(
+                        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+                else:
+                    state = jax.device_put(state, shardings)
         self._state = state
         self._programs: dict[_ProgramKey, Callable] = {}
         self.trace_count = 0
@@ -173,6 +180,9 @@ class GenerationEngine:
           ValueError: naming the prompt index for an empty prompt, an id outside the vocabulary,
             or a prompt longer than the largest length bucket; or a budget beyond that bucket.
         """
+        if self.abstract:
+            raise ValueError("this engine was built on an abstract model (no parameter values): "
+                             "it can only compile()")
         if not 1 <= max_new_tokens <= self.length_buckets[-1]:
             raise ValueError(f"max_new_tokens must be in [1, {self.length_buckets[-1]}] (the largest "
                              f"length bucket), got {max_new_tokens}")
@@ -188,6 +198,38 @@ class GenerationEngine:
                                      seeds[start:end])
             )
         return results
+
+    def compile(
+        self,
+        batch: int,
+        prompt_len: int,
+        max_new_tokens: int,
+        sampling: SamplingConfig = SamplingConfig(),
+        num_stop_ids: int = 4,
+    ) -> jax.stages.Compiled:
+        """Compiles, without running, the program ``generate`` would use for these shapes.
+
+        Args:
+          batch, prompt_len, max_new_tokens: sizes before bucketing (as ``generate`` sees them).
+          sampling: its static part (greedy, top-k, top-p on/off) selects the program.
+          num_stop_ids: stop ids per row.
+
+        Returns:
+          The compiled program (``memory_analysis()`` gives bytes per device).
+        """
+        key = self._program_key(batch, prompt_len, max_new_tokens, num_stop_ids, sampling)
+        rows = jax.ShapeDtypeStruct((key.batch,), jnp.int32)
+        with self._context():
+            return self._program_for(key).lower(
+                self._state,
+                jax.ShapeDtypeStruct((key.batch, key.prompt_len), jnp.int32),
+                rows,
+                jax.ShapeDtypeStruct((key.batch, key.num_stop), jnp.int32),
+                jax.ShapeDtypeStruct((key.batch,), jnp.bool_),
+                jax.ShapeDtypeStruct((), jnp.int32),
+                jax.ShapeDtypeStruct((3,), jnp.float32),
+                jax.ShapeDtypeStruct((key.batch,), jnp.uint32),
+            ).compile()
 
     @property
     def state(self) -> nnx.State:
@@ -243,13 +285,8 @@ class GenerationEngine:
         seeds: list[int],
     ) -> list[GenerationResult]:
         rows = len(prompts)
-        key = _ProgramKey(
-            batch=_bucket(rows, self.batch_buckets, "batch"),
-            prompt_len=_bucket(max(len(p) for p in prompts), self.length_buckets, "prompt length"),
-            budget=_bucket(max_new_tokens, self.length_buckets, "max_new_tokens"),
-            num_stop=max(4, 1 << max(0, max(len(s) for s in stops) - 1).bit_length()),
-            sampling=sampling.static_key(),
-        )
+        key = self._program_key(rows, max(len(p) for p in prompts), max_new_tokens,
+                                max(len(s) for s in stops), sampling)
         ids = np.zeros((key.batch, key.prompt_len), np.int32)
         lengths = np.ones((key.batch,), np.int32)
         stop_ids = np.full((key.batch, key.num_stop), -1, np.int32)
@@ -273,6 +310,16 @@ class GenerationEngine:
             results.append(GenerationResult(row_tokens, logprobs[row, :count].tolist(),
                                             "stop" if stopped else "length"))
         return results
+
+    def _program_key(self, rows: int, prompt_len: int, max_new_tokens: int, num_stop: int,
+                     sampling: SamplingConfig) -> _ProgramKey:
+        return _ProgramKey(
+            batch=_bucket(rows, self.batch_buckets, "batch"),
+            prompt_len=_bucket(prompt_len, self.length_buckets, "prompt length"),
+            budget=_bucket(max_new_tokens, self.length_buckets, "max_new_tokens"),
+            num_stop=max(4, 1 << max(0, num_stop - 1).bit_length()),
+            sampling=sampling.static_key(),
+        )
 
     def _program_for(self, key: _ProgramKey) -> Callable:
         if key not in self._programs:

@@ -415,7 +415,8 @@ def unstack_layers(model: Decoder) -> Decoder:
     A decode step then reads each layer's weights as whole buffers; with the stacked layout
     XLA:CPU copies every layer's weights out of the stack on every step. Use caches made with
     ``KVCache.create(..., stacked=False)``. The returned model holds new arrays (slices); the
-    argument is unchanged.
+    argument is unchanged. An abstract model (``ShapeDtypeStruct`` parameters, see
+    ``glmjax.models.params.abstract_model``) gives an abstract result.
     """
     if not model.stacked:
         return model
@@ -424,11 +425,17 @@ def unstack_layers(model: Decoder) -> Decoder:
     layers = []
     for index in range(config.num_layers):
         graphdef, state = nnx.split(nnx.eval_shape(lambda: DecoderLayer(config, nnx.Rngs(0))))
-        nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x[index], stacked_values))
+        nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: _layer_slice(x, index), stacked_values))
         layers.append(nnx.merge(graphdef, state))
     unstacked = nnx.clone(model)
     unstacked.layers = nnx.List(layers)
     return unstacked
+
+
+def _layer_slice(stacked: jax.Array | jax.ShapeDtypeStruct, index: int) -> jax.Array | jax.ShapeDtypeStruct:
+    if isinstance(stacked, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype)
+    return stacked[index]
 
 
 def _default_positions(input_ids: jax.Array) -> jax.Array:
