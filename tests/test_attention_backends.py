@@ -1,10 +1,13 @@
 """The "blockwise" attention backend against the dense "xla" reference: outputs and gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from glmjax import sharding
 from glmjax.models import attention as attention_lib
 from glmjax.models import create_model, preset
 
@@ -104,3 +107,40 @@ def test_cached_attention_matches_dense_attention_on_a_heads_major_cache():
         q[:, :3], jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2),
         q_segment_ids=q_segments, kv_segment_ids=kv_segments, q_offsets=offsets)
     np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_shape,heads,kv_heads", [
+    ((1, 1, 8, 1), 16, 2),  # query heads split 8 ways, 2 KV heads replicated: 2 heads per shard
+    ((2, 1, 4, 1), 8, 2),   # batch x tensor; 2 query heads per shard share one KV head
+    ((1, 1, 8, 1), 8, 4),   # one query head per shard
+    ((2, 1, 2, 1), 4, 2),   # KV heads split too
+])
+def test_sharded_splash_keeps_query_heads_local(mesh_shape, heads, kv_heads):
+    mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
+    q, k, v, _ = _qkv(6, 2, 128, heads, kv_heads, 32)
+    seg = jnp.asarray(np.repeat([[1, 2]], 64, axis=1).repeat(2, axis=0))
+    expected = attention_lib.xla_attention(q, k, v, attention_lib.attention_mask(seg, seg, None))
+    with jax.set_mesh(mesh):
+        run = jax.jit(lambda q, k, v, seg: attention_lib.attend(
+            q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_offsets=None, backend="splash"))
+        place = lambda x, axes: jax.device_put(x, sharding.named_sharding(axes, x.shape, mesh))
+        kv_axes = ("act_batch", None, "act_kv_heads", None)
+        args = (place(q, ("act_batch", None, "act_heads", None)), place(k, kv_axes),
+                place(v, kv_axes), place(seg, ("act_batch", None)))
+        out = run(*args)
+        hlo = run.lower(*args).compile().as_text()
+    np.testing.assert_allclose(out, expected, atol=2e-5)
+    assert "all-gather" not in hlo  # no shard gathers the other shards' query heads
+    # Gradients: a replicated K/V gets the sum of every shard's contribution.
+    cotangent = jax.random.normal(jax.random.key(7), q.shape)
+
+    def loss(backend, q, k, v):
+        out = attention_lib.attend(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_offsets=None,
+                                   backend=backend)
+        return jnp.sum(out * cotangent)
+
+    expected_grads = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(q, k, v)
+    with jax.set_mesh(mesh):
+        grads = jax.jit(jax.grad(functools.partial(loss, "splash"), argnums=(0, 1, 2)))(*args[:3])
+    for name, grad, reference in zip("qkv", grads, expected_grads):
+        np.testing.assert_allclose(grad, reference, atol=5e-5, err_msg=f"d{name}")

@@ -262,17 +262,20 @@ def splash_attention(
 ) -> jax.Array:
     """TPU splash attention (Pallas), causal with segment ids; GQA as one MQA kernel per KV head.
 
-    Sequence lengths must be multiples of 128. Under a multi-device mesh the kernel runs
-    per shard (``shard_map``): batch over the batch axes, KV heads over the tensor axis.
+    Sequence lengths must be multiples of 128. Under a multi-device mesh the kernel runs per
+    shard (``shard_map``): batch over the batch axes and heads over the tensor axis. When the
+    tensor axis splits the query heads but not the fewer KV heads (GLM-4-9B: 32 query heads,
+    2 KV heads, tensor parallelism 8), K/V stay replicated and each shard attends with the KV
+    heads of its own query heads, so no shard computes another shard's heads.
     """
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-
     batch, seq_q, heads, head_dim = q.shape
     seq_kv, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
-    kernel = _splash_kernel(seq_q, seq_kv, groups, interpret)
 
-    def per_shard(q, k, v, q_seg, kv_seg):
+    def attend_shard(kernel, q, k, v, q_seg, kv_seg):
+        """One shard: q [b, t, n, h], k/v [b, s, kh, h] with n // kh == the kernel's groups."""
+        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
         b, t, n, h = q.shape
         kh = k.shape[2]
         qg = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4) * (1.0 / math.sqrt(h))
@@ -286,18 +289,37 @@ def splash_attention(
         out = jax.vmap(one_row)(qg.astype(q.dtype), kt, vt, q_seg, kv_seg)
         return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
+    # Kernels are built outside shard_map: their mask tables are constants of no mesh.
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or math.prod(mesh.axis_sizes) == 1:
-        return per_shard(q, k, v, q_segment_ids, kv_segment_ids)
-    qkv_spec = sharding.logical_to_spec(
-        ("act_batch", None, "act_kv_heads", None), (batch, seq_kv, kv_heads, head_dim), mesh
-    )
-    seg_spec = PartitionSpec(qkv_spec[0], None)
+        return attend_shard(_splash_kernel(seq_q, seq_kv, groups, interpret),
+                            q, k, v, q_segment_ids, kv_segment_ids)
+    kv_spec = sharding.logical_to_spec(("act_batch", None, "act_kv_heads", None), k.shape, mesh)
+    q_spec = sharding.logical_to_spec(("act_batch", None, "act_heads", None), q.shape, mesh)
+    seg_spec = PartitionSpec(kv_spec[0], None)
+    head_axes = q_spec[2]
+    names = (head_axes,) if isinstance(head_axes, str) else tuple(head_axes or ())
+    local_heads = heads // math.prod(mesh.shape[name] for name in names)
+    split_queries_only = (head_axes is not None and kv_spec[2] is None and q_spec[0] == kv_spec[0]
+                          and not (groups % local_heads and local_heads % groups))
+    if not split_queries_only:  # heads split like the KV heads, or not at all
+        function = functools.partial(attend_shard, _splash_kernel(seq_q, seq_kv, groups, interpret))
+        q_spec = kv_spec
+    else:
+        local_kv_heads = max(1, local_heads // groups)
+        kernel = _splash_kernel(seq_q, seq_kv, local_heads // local_kv_heads, interpret)
+
+        def function(q, k, v, q_seg, kv_seg):
+            first_kv_head = jax.lax.axis_index(names) * local_heads // groups
+            k = jax.lax.dynamic_slice_in_dim(k, first_kv_head, local_kv_heads, axis=2)
+            v = jax.lax.dynamic_slice_in_dim(v, first_kv_head, local_kv_heads, axis=2)
+            return attend_shard(kernel, q, k, v, q_seg, kv_seg)
+
     return jax.shard_map(
-        per_shard,
+        function,
         mesh=mesh,
-        in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec, seg_spec),
-        out_specs=qkv_spec,
+        in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+        out_specs=q_spec,
         check_vma=False,
     )(q, k, v, q_segment_ids, kv_segment_ids)
 
