@@ -23,15 +23,16 @@ is reported as ``file:line: problem`` and skipped (``--on_error=skip``) or ends 
 Interactive mode (``--interactive``): a chat on the terminal; ``--tools=python`` offers the
 sandboxed Python interpreter. Commands: ``/reset`` (new conversation), ``/exit``.
 
-The model comes from ``--hf_dir`` (safetensors + config.json) or ``--orbax_dir`` (a glmjax model
-checkpoint: orbax parameters + model_config.json); the tokenizer from ``--tokenizer_dir`` (default:
-``--hf_dir``).
+The model comes from ``--hf_dir`` (safetensors + config.json), ``--orbax_dir`` (a glmjax model
+checkpoint: orbax parameters + model_config.json) or ``--run_dir`` (a training run's MODEL_DIR: its
+model_config.json and the parameters of checkpoint ``--step``, default the latest); the tokenizer
+from ``--tokenizer_dir`` (default: ``--hf_dir``).
 
 Memory check (``--compile_only``): compiles the generation program for ``--batch_size`` prompts
 of ``--prompt_len`` tokens and ``--max_new_tokens`` (the sampling flags select the program) on
 ``--mesh_shape`` and prints bytes per device as JSON, without reading any weights; the model
-config comes from ``--preset``, ``--hf_dir``'s config.json or ``--orbax_dir``'s
-model_config.json::
+config comes from ``--preset``, ``--hf_dir``'s config.json or the model_config.json of
+``--orbax_dir`` / ``--run_dir``::
 
   python -m launch.generate --compile_only --preset=glm4-9b --dtype=bfloat16 --mesh_shape=1,1,8,1
 """
@@ -63,9 +64,13 @@ from glmjax.inference.python_tool import register_python_tool
 from glmjax.inference.sampling import SamplingConfig
 from glmjax.inference.tools import ToolRegistry
 from glmjax.models import ModelConfig, abstract_model, preset
+from glmjax.training.checkpointing import load_trained_model
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HF checkpoint directory (config.json + safetensors).")
 _ORBAX_DIR = flags.DEFINE_string("orbax_dir", None, "glmjax orbax model checkpoint directory.")
+_RUN_DIR = flags.DEFINE_string("run_dir", None, "A launch.train MODEL_DIR: its model config and "
+                               "the parameters of checkpoint --step.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --run_dir (default: the latest).")
 _TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None, "Tokenizer directory (default: --hf_dir).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
                            "Parameter and compute dtype for --hf_dir models.")
@@ -293,10 +298,12 @@ def run_interactive(engine, tokenizer, *, sampling, tools: list[str], system: st
 
 
 def _load(mesh):
-    if (_HF_DIR.value is None) == (_ORBAX_DIR.value is None):
-        raise app.UsageError("give exactly one of --hf_dir and --orbax_dir")
+    if sum(source is not None for source in (_HF_DIR.value, _ORBAX_DIR.value, _RUN_DIR.value)) != 1:
+        raise app.UsageError("give exactly one of --hf_dir, --orbax_dir and --run_dir")
     if _HF_DIR.value is not None:
         return from_pretrained(_HF_DIR.value, dtype=_DTYPE.value, mesh=mesh, **_config_overrides())
+    if _RUN_DIR.value is not None:
+        return load_trained_model(_RUN_DIR.value, _STEP.value, mesh=mesh, **_config_overrides())
     return load_model(_ORBAX_DIR.value, mesh=mesh, **_config_overrides())
 
 
@@ -327,11 +334,12 @@ def compile_report(
 
 
 def _config_for_compile() -> ModelConfig:
-    sources = [_PRESET.value, _HF_DIR.value, _ORBAX_DIR.value]
+    sources = [_PRESET.value, _HF_DIR.value, _ORBAX_DIR.value, _RUN_DIR.value]
     if sum(source is not None for source in sources) != 1:
-        raise app.UsageError("--compile_only needs exactly one of --preset, --hf_dir, --orbax_dir")
-    if _ORBAX_DIR.value is not None:
-        return read_model_config(_ORBAX_DIR.value, **_config_overrides())
+        raise app.UsageError("--compile_only needs exactly one of --preset, --hf_dir, --orbax_dir, "
+                             "--run_dir")
+    if _ORBAX_DIR.value is not None or _RUN_DIR.value is not None:
+        return read_model_config(_ORBAX_DIR.value or _RUN_DIR.value, **_config_overrides())
     overrides = {"param_dtype": _DTYPE.value, "compute_dtype": _DTYPE.value, **_config_overrides()}
     if _PRESET.value is not None:
         return preset(_PRESET.value).replace(**overrides)
@@ -353,7 +361,7 @@ def main(argv: list[str]) -> None:
         return
     tokenizer_dir = _TOKENIZER_DIR.value or _HF_DIR.value
     if tokenizer_dir is None:
-        raise app.UsageError("--tokenizer_dir is required with --orbax_dir")
+        raise app.UsageError("--tokenizer_dir is required with --orbax_dir and --run_dir")
     if not _INTERACTIVE.value and (_INPUT.value is None or _OUTPUT.value is None):
         raise app.UsageError("batch mode needs --input and --output (or pass --interactive)")
     tokenizer = load_tokenizer(tokenizer_dir)

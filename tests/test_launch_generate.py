@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
+import optax
 import pytest
+from flax import nnx
 
 import glmjax
 from glmjax.checkpoints.orbax_io import save_model
@@ -14,6 +16,8 @@ from glmjax.data.tokenizer import default_tokenizer
 from glmjax.inference.engine import GenerationEngine
 from glmjax.inference.sampling import SamplingConfig
 from glmjax.models import create_model, preset
+from glmjax.training.checkpointing import Checkpointer, check_model_config
+from glmjax.training.state import fresh_train_state
 from launch import generate
 from test_inference_chat import ScriptedEngine
 
@@ -111,12 +115,22 @@ def test_resume_skips_written_rows_and_matches_a_full_run(setup, tmp_path):
     assert counts == {"written": 0, "already_done": 5, "malformed": 0}
 
 
-def test_cli_with_orbax_checkpoint(setup, tmp_path):
+@pytest.mark.parametrize("source", ["orbax", "run"])
+def test_cli_with_orbax_checkpoint_or_training_run(setup, tmp_path, source):
     _, tokenizer_dir, model, _ = setup
-    save_model(model, str(tmp_path / "orbax"))
+    if source == "orbax":
+        save_model(model, str(tmp_path / "orbax"))
+        model_flags = [f"--orbax_dir={tmp_path / 'orbax'}"]
+    else:  # what launch.train leaves in MODEL_DIR: model_config.json + train-state checkpoints
+        check_model_config(str(tmp_path / "run"), model.config)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        checkpointer = Checkpointer(str(tmp_path / "run" / "checkpoints"))
+        checkpointer.save(fresh_train_state(model.config, optax.adamw(1e-3), 0, params), None, step=3)
+        checkpointer.close()
+        model_flags = [f"--run_dir={tmp_path / 'run'}"]
     _write_lines(tmp_path / "in.jsonl", [json.dumps(r) for r in GOOD_ROWS[:3]] + ["[]"])
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    command = [sys.executable, "-m", "launch.generate", f"--orbax_dir={tmp_path / 'orbax'}",
+    command = [sys.executable, "-m", "launch.generate", *model_flags,
                f"--tokenizer_dir={tokenizer_dir}", f"--input={tmp_path / 'in.jsonl'}",
                f"--output={tmp_path / 'out.jsonl'}", f"--max_new_tokens={MAX_NEW}", "--batch_size=4"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300,
@@ -126,6 +140,13 @@ def test_cli_with_orbax_checkpoint(setup, tmp_path):
     assert counts == {"written": 3, "already_done": 0, "malformed": 1}
     assert "in.jsonl:4: expected a JSON object, got list" in done.stderr
     assert [r["index"] for r in _rows(tmp_path / "out.jsonl")] == [0, 1, 2]
+    # The parameters arrived intact: greedy ids equal those of the in-process model.
+    tokenizer, _, _, engine = setup
+    generate.run_batch(engine, tokenizer, str(tmp_path / "in.jsonl"), str(tmp_path / "local.jsonl"),
+                       sampling=SamplingConfig(), max_new_tokens=MAX_NEW, batch_size=4, seed=0,
+                       on_error="skip", report=io.StringIO())
+    assert ([r["output_ids"] for r in _rows(tmp_path / "out.jsonl")]
+            == [r["output_ids"] for r in _rows(tmp_path / "local.jsonl")])
 
 
 def test_interactive_tool_calling_run(setup):

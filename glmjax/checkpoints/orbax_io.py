@@ -74,9 +74,22 @@ def load_model(
       CheckpointError: the directory has no config, or the stored arrays do not fit the config.
     """
     directory = os.path.abspath(directory)
-    config = read_model_config(directory, **overrides)
-    model = abstract_model(config)
-    graphdef, state = nnx.split(model)
+    graphdef, state, target = restore_target(read_model_config(directory, **overrides), mesh, rules)
+    try:
+        restored = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR), target)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        raise CheckpointError(f"{directory}: parameters do not match {CONFIG_FILE}: {err}") from err
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state)
+
+
+def restore_target(
+    config: ModelConfig, mesh: Mesh | None, rules: sharding_lib.AxisRules | None = None
+) -> tuple[nnx.GraphDef, nnx.State, dict]:
+    """(graphdef, abstract state, restore target) for ``config``'s decoder: the target is the
+    parameters' pure dict of ``ShapeDtypeStruct``s carrying their shardings on ``mesh`` (by
+    logical axes), or the first device without a mesh, so orbax reads straight into shards."""
+    graphdef, state = nnx.split(abstract_model(config))
     if mesh is None:
         device = SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, state)
@@ -86,9 +99,4 @@ def load_model(
         lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), nnx.to_pure_dict(state),
         nnx.to_pure_dict(shardings),
     )
-    try:
-        restored = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR), target)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        raise CheckpointError(f"{directory}: parameters do not match {CONFIG_FILE}: {err}") from err
-    nnx.replace_by_pure_dict(state, restored)
-    return nnx.merge(graphdef, state)
+    return graphdef, state, target

@@ -14,9 +14,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from flax import nnx
+from jax.sharding import Mesh
+
+from glmjax import sharding as sharding_lib
 from glmjax.checkpoints.hf_config import CheckpointError
-from glmjax.checkpoints.orbax_io import config_to_json
+from glmjax.checkpoints.orbax_io import config_to_json, read_model_config, restore_target
 from glmjax.models.config import ModelConfig
+from glmjax.models.decoder import Decoder
 from glmjax.training.state import TrainState
 
 # Config fields that change the parameter shapes or meaning; the rest (dtypes, remat,
@@ -107,6 +112,50 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def load_trained_model(
+    model_dir: str,
+    step: int | None = None,
+    *,
+    mesh: Mesh | None = None,
+    rules: sharding_lib.AxisRules | None = None,
+    **overrides,
+) -> Decoder:
+    """The model of a training run: ``model_dir/model_config.json`` and the parameters of
+    checkpoint ``step`` (default: the latest) read straight into their shards; optimizer and
+    data-iterator state are not read.
+
+    Args:
+      model_dir: the run's MODEL_DIR (``launch.train``).
+      step: checkpoint step; None for the latest.
+      mesh, rules: where to place the parameters (default: the first device).
+      overrides: runtime config fields (e.g. ``attention_backend``, ``compute_dtype``).
+
+    Raises:
+      CheckpointError: no model config, no such checkpoint, or parameters that do not fit.
+    """
+    config = read_model_config(model_dir, **overrides)
+    directory = os.path.abspath(os.path.join(model_dir, "checkpoints"))
+    manager = ocp.CheckpointManager(directory)
+    try:
+        available = manager.all_steps()
+        step = max(available, default=None) if step is None else step
+        if step not in available:
+            raise CheckpointError(f"{directory}: no checkpoint of step {step} (steps: {sorted(available)})")
+        graphdef, state, target = restore_target(config, mesh, rules)
+        item = {"params": target}
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True)))
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{directory}/{step}: parameters do not match {model_dir}/"
+                                  f"model_config.json: {err}") from err
+    finally:
+        manager.close()
+    nnx.replace_by_pure_dict(state, restored["state"]["params"])
+    return nnx.merge(graphdef, state)
 
 
 class TerminationFlag:
