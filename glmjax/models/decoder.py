@@ -366,9 +366,9 @@ class Decoder(nnx.Module):
             counted in ``lengths`` (defaults to all True).
           prefill: static; the caller promises that the cache is empty and that each row of
             ``valid`` is True then False (right-padding). Attention then runs among the new
-            tokens with the configured backend (memory linear in ``t`` for blockwise, splash
-            and fused) instead of densely against the whole cache; padding queries' outputs
-            are unspecified.
+            tokens with the configured backend (memory linear in ``t`` for splash and fused)
+            instead of densely against the whole cache; padding queries' outputs are
+            unspecified.
 
         Returns:
           (logits [batch, t, vocab], updated cache).
