@@ -9,7 +9,7 @@ import torch
 
 import glmjax
 from glmjax import sharding
-from glmjax.models import abstract_model, preset
+from glmjax.models import abstract_model, create_model, preset
 from glmjax.inference.engine import GenerationEngine
 from glmjax.inference.sampling import (
     SamplingConfig, first_argmax, nucleus_mask, process_logits, select_tokens, token_logprobs)
@@ -249,3 +249,21 @@ def test_abstract_engine_compiles_sharded_but_cannot_generate():
     assert compiled.memory_analysis().argument_size_in_bytes > 0
     with pytest.raises(ValueError, match="abstract model"):
         engine.generate([[1, 2, 3]], max_new_tokens=2)
+
+
+def test_update_model_swaps_parameters_without_recompiling():
+    config = preset("glm4-tiny")
+    first, second = create_model(config, seed=1), create_model(config, seed=2)
+    mesh = sharding.make_mesh((1, 1, 2, 1), devices=jax.devices()[:2])
+    engine = GenerationEngine(first, mesh=mesh, max_batch_size=2, length_buckets=(16,))
+    prompts = [[5, 6, 7], [9, 10]]
+    before = engine.generate(prompts, max_new_tokens=8)
+    traces = engine.trace_count
+    engine.update_model(second)
+    updated = engine.generate(prompts, max_new_tokens=8)
+    assert engine.trace_count == traces
+    assert [r.tokens for r in updated] != [r.tokens for r in before]
+    fresh = GenerationEngine(second, mesh=mesh, max_batch_size=2, length_buckets=(16,))
+    assert [r.tokens for r in updated] == [r.tokens for r in fresh.generate(prompts, max_new_tokens=8)]
+    with pytest.raises(ValueError, match="config"):
+        engine.update_model(create_model(config.replace(num_layers=3)))

@@ -137,20 +137,40 @@ class GenerationEngine:
             raise ValueError(f"length_buckets must be ascending positive ints, got {self.length_buckets}")
         self.logprob_mode = logprob_mode
         self.cache_dtype = cache_dtype or self.config.compute_dtype
-        self._graphdef, state = nnx.split(unstack_layers(model))
-        self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
-        if mesh is not None:
-            with self._context():
-                shardings = state_shardings(state, mesh, rules)
-                if self.abstract:
-                    state = jax.tree.map(
-                        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-                else:
-                    state = jax.device_put(state, shardings)
-        self._state = state
+        self._graphdef, self._state = self._placed(model)
+        self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self._state))
         self._programs: dict[_ProgramKey, Callable] = {}
         self.trace_count = 0
         """How many times a program was traced (each trace is one compilation)."""
+
+    def update_model(self, model: Decoder) -> None:
+        """Generates with ``model``'s parameters from now on (e.g. the policy after an RL step),
+        reusing the compiled programs.
+
+        Raises:
+          ValueError: ``model`` has another config, or parameter shapes or dtypes that differ.
+        """
+        if model.config != self.config:
+            raise ValueError(f"update_model needs a model of the engine's config; got {model.config}, "
+                             f"engine has {self.config}")
+        graphdef, state = self._placed(model)
+        shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+        if graphdef != self._graphdef or shapes(state) != shapes(self._state):
+            raise ValueError("update_model: the model's parameter shapes or dtypes differ from the engine's")
+        self._state = state
+
+    def _placed(self, model: Decoder) -> tuple[nnx.GraphDef, nnx.State]:
+        """The per-layer layout of ``model`` split into (graphdef, state), the state on the mesh
+        (``ShapeDtypeStruct``s with shardings for an abstract model)."""
+        graphdef, state = nnx.split(unstack_layers(model))
+        if self.mesh is None:
+            return graphdef, state
+        with self._context():
+            shardings = state_shardings(state, self.mesh, self.rules)
+            if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):
+                return graphdef, jax.tree.map(
+                    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+            return graphdef, jax.device_put(state, shardings)
 
     # -- public -----------------------------------------------------------------------------
 
