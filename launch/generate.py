@@ -49,8 +49,7 @@ from typing import Any, TextIO
 
 from absl import app, flags
 
-from glmjax import sharding
-from glmjax import flops
+from glmjax import flops, sharding
 from glmjax.checkpoints import from_pretrained
 from glmjax.checkpoints.hf_config import config_from_hf, read_hf_config
 from glmjax.checkpoints.orbax_io import load_model, read_model_config
@@ -93,8 +92,8 @@ _TOOLS = flags.DEFINE_list("tools", [], "Tools offered in interactive mode: pyth
 _MAX_TURNS = flags.DEFINE_integer("max_turns", 8, "Assistant turns per user message (interactive).")
 _ATTENTION_BACKEND = flags.DEFINE_enum(
     "attention_backend", None, ["xla", "blockwise", "fused", "splash", "sample"],
-    "Attention for the prefill (default: the model config's): blockwise on CPU, splash on TPU, "
-    "fused (cuDNN) on GPU keep long prompts' attention memory linear in their length.")
+    "Attention for the prefill (default: the model config's): splash on TPU and fused (cuDNN) "
+    "on GPU keep long prompts' attention memory linear; blockwise is the CPU path for short ones.")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False,
                                   "Compile the program, print memory per device as JSON, exit.")
 _PRESET = flags.DEFINE_string("preset", None, "Model preset for --compile_only (no weights needed).")

@@ -154,7 +154,10 @@ class GenerationEngine:
             raise ValueError(f"update_model needs a model of the engine's config; got {model.config}, "
                              f"engine has {self.config}")
         graphdef, state = self._placed(model)
-        shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+
+        def shapes(tree: nnx.State) -> nnx.State:
+            return jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+
         if graphdef != self._graphdef or shapes(state) != shapes(self._state):
             raise ValueError("update_model: the model's parameter shapes or dtypes differ from the engine's")
         self._state = state
@@ -238,12 +241,11 @@ class GenerationEngine:
           The compiled program (``memory_analysis()`` gives bytes per device).
         """
         key = self._program_key(batch, prompt_len, max_new_tokens, num_stop_ids, sampling)
-        rows = jax.ShapeDtypeStruct((key.batch,), jnp.int32)
         with self._context():
             return self._program_for(key).lower(
                 self._state,
                 jax.ShapeDtypeStruct((key.batch, key.prompt_len), jnp.int32),
-                rows,
+                jax.ShapeDtypeStruct((key.batch,), jnp.int32),
                 jax.ShapeDtypeStruct((key.batch, key.num_stop), jnp.int32),
                 jax.ShapeDtypeStruct((key.batch,), jnp.bool_),
                 jax.ShapeDtypeStruct((), jnp.int32),

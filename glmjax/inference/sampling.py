@@ -178,8 +178,8 @@ def select_tokens(
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
-    """int32 [batch]: index of the first maximum of each row of fp32 [batch, n] (``jnp.argmax``
-    without NaN handling; rows hold no NaN here).
+    """int32 [batch]: index of the first maximum of each row of fp32 [batch, n], as
+    ``jnp.argmax`` (except that a row with NaNs gives ``n - 1``, still a valid id).
 
     Two plain reductions (max, then min over matching indices): XLA:CPU vectorises those but
     not the variadic (value, index) reduction of ``jnp.argmax``, which is ~10x slower on a
@@ -188,7 +188,7 @@ def first_argmax(x: jax.Array) -> jax.Array:
     n = x.shape[-1]
     best = jnp.max(x, axis=-1, keepdims=True)
     indices = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    return jnp.min(jnp.where(x == best, indices, n), axis=-1)
+    return jnp.minimum(jnp.min(jnp.where(x == best, indices, n), axis=-1), n - 1)
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:

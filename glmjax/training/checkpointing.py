@@ -12,9 +12,8 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
-
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from glmjax import sharding as sharding_lib
@@ -140,7 +139,9 @@ def load_trained_model(
     manager = ocp.CheckpointManager(directory)
     try:
         available = manager.all_steps()
-        step = max(available, default=None) if step is None else step
+        if not available:
+            raise CheckpointError(f"{directory}: no checkpoints (is {model_dir} a launch.train MODEL_DIR?)")
+        step = max(available) if step is None else step
         if step not in available:
             raise CheckpointError(f"{directory}: no checkpoint of step {step} (steps: {sorted(available)})")
         graphdef, state, target = restore_target(config, mesh, rules)
