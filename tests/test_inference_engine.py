@@ -267,3 +267,22 @@ def test_update_model_swaps_parameters_without_recompiling():
     assert [r.tokens for r in updated] == [r.tokens for r in fresh.generate(prompts, max_new_tokens=8)]
     with pytest.raises(ValueError, match="config"):
         engine.update_model(create_model(config.replace(num_layers=3)))
+
+
+def test_stacked_layers_engine_shares_buffers_and_generates_the_same():
+    config = preset("glm4-0414-tiny")
+    model = create_model(config, seed=3)
+    mesh = sharding.make_mesh((2, 1, 2, 1), devices=jax.devices()[:4])
+    stacked = GenerationEngine(model, max_batch_size=4, length_buckets=(16, 32), stacked_layers=True)
+    assert stacked.state["layers"]["mlp"]["down_kernel"][...] is model.layers.mlp.down_kernel[...]
+    per_layer = GenerationEngine(model, mesh=mesh, max_batch_size=4, length_buckets=(16, 32))
+    stacked_sharded = GenerationEngine(model, mesh=mesh, max_batch_size=4, length_buckets=(16, 32),
+                                       stacked_layers=True)
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
+    sampling = SamplingConfig(temperature=0.9, top_p=0.9)
+    expected = per_layer.generate(prompts, sampling, max_new_tokens=12, seed=5)
+    for engine in (stacked, stacked_sharded):
+        results = engine.generate(prompts, sampling, max_new_tokens=12, seed=5)
+        assert [r.tokens for r in results] == [r.tokens for r in expected]
+        np.testing.assert_allclose([r.logprobs for r in results], [r.logprobs for r in expected],
+                                   atol=1e-4)

@@ -16,9 +16,10 @@ rows are inert), the prompt length and the new-token budget each to a length buc
 two by default). Programs are cached per (batch, prompt, budget, stop-list, sampling) bucket;
 temperature, top-p, min-p, the exact token budget and the seed are runtime data.
 
-The engine holds the model in the per-layer layout (``unstack_layers``: whole weight buffers
-and one KV cache per layer), which spares a copy of every layer's weights per decode step on
-XLA:CPU. With a mesh the parameters are placed by their logical axes (``state_shardings``: tensor
+By default the engine holds the model in the per-layer layout (``unstack_layers``: whole weight
+buffers and one KV cache per layer), which spares a copy of every layer's weights per decode
+step on XLA:CPU; ``stacked_layers=True`` keeps the training layout instead and shares the
+caller's parameter buffers (no second copy of the weights, e.g. next to an RL trainer). With a mesh the parameters are placed by their logical axes (``state_shardings``: tensor
 parallelism over heads / MLP / vocabulary, FSDP over the embedding) and the programs run under
 ``jax.set_mesh``, so the model's activation constraints apply; the cache's batch and KV-head axes
 follow the activation rules.
@@ -70,6 +71,14 @@ class _ProgramKey:
     sampling: tuple[bool, int, bool]
 
 
+def _constrain_cache(kv: jax.Array | tuple[jax.Array, ...]) -> jax.Array | tuple[jax.Array, ...]:
+    """Shards a stacked [layers, batch, kv_heads, len, head_dim] cache or per-layer ones by the
+    activation rules (batch and KV heads)."""
+    if isinstance(kv, tuple):
+        return tuple(sharding_lib.constrain(layer, _CACHE_AXES) for layer in kv)
+    return sharding_lib.constrain(kv, ("layers", *_CACHE_AXES))
+
+
 def power_of_two_buckets(minimum: int, maximum: int) -> tuple[int, ...]:
     """(minimum, 2*minimum, ...) up to the first value >= maximum; ``minimum`` a power of two."""
     if minimum < 1 or minimum & (minimum - 1):
@@ -99,9 +108,9 @@ class GenerationEngine:
 
     Args:
       model: the decoder. The engine keeps its own per-layer copy of the parameters
-        (``unstack_layers``), placed on ``mesh`` when one is given; drop other references to
-        ``model`` to free the stacked ones. An abstract model (``abstract_model``) gives an
-        engine that can only ``compile`` (memory checks for large models).
+        (``unstack_layers``; unless ``stacked_layers``), placed on ``mesh`` when one is given;
+        drop other references to ``model`` to free the stacked ones. An abstract model
+        (``abstract_model``) gives an engine that can only ``compile`` (memory checks).
       mesh: device mesh over ``glmjax.sharding.MESH_AXES``; None runs on the model's devices.
       rules: logical axis rules for the mesh (default: the active rules).
       max_batch_size: rows per call of a compiled program; larger requests run in chunks of this
@@ -110,6 +119,8 @@ class GenerationEngine:
         (default: powers of two from 16 to the model's ``max_position_embeddings``).
       logprob_mode: "processed" or "raw" (``glmjax.inference.sampling``).
       cache_dtype: KV cache dtype (default: the model's compute dtype).
+      stacked_layers: keep the model's stacked layer weights (scanned layers, one stacked KV
+        cache) instead of the per-layer layout: no copy of the weights, slower decode on CPU.
     """
 
     def __init__(
@@ -122,6 +133,7 @@ class GenerationEngine:
         length_buckets: Sequence[int] | None = None,
         logprob_mode: LogprobMode = "processed",
         cache_dtype: str | None = None,
+        stacked_layers: bool = False,
     ) -> None:
         if logprob_mode not in ("processed", "raw"):
             raise ValueError(f"logprob_mode must be 'processed' or 'raw', got {logprob_mode!r}")
@@ -137,6 +149,7 @@ class GenerationEngine:
             raise ValueError(f"length_buckets must be ascending positive ints, got {self.length_buckets}")
         self.logprob_mode = logprob_mode
         self.cache_dtype = cache_dtype or self.config.compute_dtype
+        self.stacked_layers = stacked_layers
         self._graphdef, self._state = self._placed(model)
         self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self._state))
         self._programs: dict[_ProgramKey, Callable] = {}
@@ -165,7 +178,7 @@ class GenerationEngine:
     def _placed(self, model: Decoder) -> tuple[nnx.GraphDef, nnx.State]:
         """The per-layer layout of ``model`` split into (graphdef, state), the state on the mesh
         (``ShapeDtypeStruct``s with shardings for an abstract model)."""
-        graphdef, state = nnx.split(unstack_layers(model))
+        graphdef, state = nnx.split(model if self.stacked_layers else unstack_layers(model))
         if self.mesh is None:
             return graphdef, state
         with self._context():
@@ -352,7 +365,7 @@ class GenerationEngine:
         graphdef, config = self._graphdef, self.config
         greedy, top_k, use_top_p = key.sampling
         cache_len = key.prompt_len + key.budget
-        logprob_mode, cache_dtype = self.logprob_mode, self.cache_dtype
+        logprob_mode, cache_dtype, stacked = self.logprob_mode, self.cache_dtype, self.stacked_layers
 
         def run(state, ids, lengths, stop_ids, active, max_new, values, seeds):
             """Prefill, then decode until every row stops or has ``max_new`` tokens.
@@ -371,12 +384,8 @@ class GenerationEngine:
             self.trace_count += 1
             model = nnx.merge(graphdef, state)
             keys = jax.vmap(jax.random.key)(seeds)
-            cache = KVCache.create(config, key.batch, cache_len, cache_dtype, stacked=False)
-            cache = dataclasses.replace(
-                cache,
-                k=tuple(sharding_lib.constrain(k, _CACHE_AXES) for k in cache.k),
-                v=tuple(sharding_lib.constrain(v, _CACHE_AXES) for v in cache.v),
-            )
+            cache = KVCache.create(config, key.batch, cache_len, cache_dtype, stacked=stacked)
+            cache = dataclasses.replace(cache, k=_constrain_cache(cache.k), v=_constrain_cache(cache.v))
             # All prompt tokens but the last: their logits are unused, so XLA drops the LM head.
             valid = jnp.arange(key.prompt_len, dtype=jnp.int32)[None] < (lengths - 1)[:, None]
             _, cache = model.forward_with_cache(ids, cache, valid=valid, prefill=True)
