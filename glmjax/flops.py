@@ -68,8 +68,3 @@ def attention_flops_per_token(config: ModelConfig, seq_len: int, causal: bool = 
 def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Model FLOPs of one training token: 6 x matmul params + 3 x causal attention forward."""
     return 6.0 * matmul_params(config) + 3.0 * attention_flops_per_token(config, seq_len)
-
-
-def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Model FLOPs of one forward (prefill) token."""
-    return 2.0 * matmul_params(config) + attention_flops_per_token(config, seq_len)

@@ -177,16 +177,6 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
 
 
-def tree_shardings(abstract_tree: Any, axes_tree: Any, mesh: Mesh, rules: AxisRules | None = None) -> Any:
-    """Shardings for a pytree of arrays/``ShapeDtypeStruct`` given a matching tree of logical axes."""
-    return jax.tree.map(
-        lambda x, axes: named_sharding(axes, x.shape, mesh, rules),
-        abstract_tree,
-        axes_tree,
-        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x),
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class ShardingReport:
     """Per-parameter placement summary for one mesh.

@@ -252,6 +252,10 @@ def test_assistant_turns_rejects_unconvertible_conversations(server):
     with pytest.raises(LLMClientError, match="message 1: 'observation' message answers no tool call") as info:
         fast_client(server, max_concurrency=1).assistant_turns([MESSAGES, orphan, MESSAGES])
     assert info.value.batch_index == 1 and not info.value.retryable
-    with pytest.raises(LLMClientError, match=r"message 0: tool_calls\[0\] has no string field 'name'"):
+    with pytest.raises(LLMClientError, match=r"message 0: tool_calls\[0\]: missing string field 'name'"):
         fast_client(server).assistant_turns([nameless])
+    bad_arguments = [{"role": "assistant", "content": "",
+                      "tool_calls": [{"function": {"name": "f", "arguments": "[1, 2]"}}]}]
+    with pytest.raises(LLMClientError, match=r"tool_calls\[0\]: field 'arguments' must be a JSON object"):
+        fast_client(server).assistant_turns([bad_arguments])
     assert len(server.requests) == 1  # Only the first conversation of the first batch was sent.

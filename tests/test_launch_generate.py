@@ -12,6 +12,7 @@ from flax import nnx
 
 import glmjax
 from glmjax.checkpoints.orbax_io import save_model
+from glmjax.flops import count_params
 from glmjax.data.tokenizer import default_tokenizer
 from glmjax.inference.engine import GenerationEngine
 from glmjax.inference.sampling import SamplingConfig
@@ -170,7 +171,7 @@ def test_compile_only_reports_memory_per_device_without_weights(tmp_path):
                           cwd=os.path.dirname(os.path.dirname(glmjax.__file__)))
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    config = preset("glm4-tiny")
+    assert report["parameters"] == count_params(preset("glm4-tiny")).total
     assert report["devices"] == 8 and report["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4, "sequence": 1}
     # fp32 parameters, tensor-parallel over 4: each device holds well under all of them.
     all_param_bytes = 4 * report["parameters"]

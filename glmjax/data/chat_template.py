@@ -123,7 +123,14 @@ def _content(message: Mapping[str, Any], index: int, *, required: bool) -> str:
     return content
 
 
-def _tool_call_text(call: Any, index: int, call_index: int) -> str:
+def tool_call_parts(call: Any, index: int, call_index: int) -> tuple[str, Mapping[str, Any]]:
+    """(name, arguments) of entry ``call_index`` of message ``index``'s ``tool_calls``:
+    ``{"function": {"name", "arguments"}}`` or the inner object alone; arguments as a mapping or
+    a JSON string of an object.
+
+    Raises:
+      ChatFormatError: naming the message and call, for a missing name or bad arguments.
+    """
     where = f"message {index}: tool_calls[{call_index}]"
     spec = call.get("function", call) if isinstance(call, Mapping) else None
     if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str) or not spec["name"]:
@@ -136,7 +143,12 @@ def _tool_call_text(call: Any, index: int, call_index: int) -> str:
             raise ChatFormatError(f"{where}: field 'arguments' is not valid JSON: {err}") from err
     if not isinstance(arguments, Mapping):
         raise ChatFormatError(f"{where}: field 'arguments' must be a JSON object")
-    return f"{spec['name']}\n{json.dumps(arguments, ensure_ascii=False)}"
+    return spec["name"], arguments
+
+
+def _tool_call_text(call: Any, index: int, call_index: int) -> str:
+    name, arguments = tool_call_parts(call, index, call_index)
+    return f"{name}\n{json.dumps(arguments, ensure_ascii=False)}"
 
 
 def _segments(

@@ -71,6 +71,10 @@ class _ProgramKey:
     sampling: tuple[bool, int, bool]
 
 
+def _is_abstract(state: nnx.State) -> bool:
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
+
+
 def _constrain_cache(kv: jax.Array | tuple[jax.Array, ...]) -> jax.Array | tuple[jax.Array, ...]:
     """Shards a stacked [layers, batch, kv_heads, len, head_dim] cache or per-layer ones by the
     activation rules (batch and KV heads)."""
@@ -151,7 +155,6 @@ class GenerationEngine:
         self.cache_dtype = cache_dtype or self.config.compute_dtype
         self.stacked_layers = stacked_layers
         self._graphdef, self._state = self._placed(model)
-        self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self._state))
         self._programs: dict[_ProgramKey, Callable] = {}
         self.trace_count = 0
         """How many times a program was traced (each trace is one compilation)."""
@@ -183,7 +186,7 @@ class GenerationEngine:
             return graphdef, state
         with self._context():
             shardings = state_shardings(state, self.mesh, self.rules)
-            if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):
+            if _is_abstract(state):
                 return graphdef, jax.tree.map(
                     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
             return graphdef, jax.device_put(state, shardings)
@@ -265,6 +268,11 @@ class GenerationEngine:
                 jax.ShapeDtypeStruct((3,), jnp.float32),
                 jax.ShapeDtypeStruct((key.batch,), jnp.uint32),
             ).compile()
+
+    @property
+    def abstract(self) -> bool:
+        """True while the engine holds an abstract model's parameters (it can only compile)."""
+        return _is_abstract(self._state)
 
     @property
     def state(self) -> nnx.State:

@@ -30,6 +30,8 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Literal, Mapping, Sequence, TypeVar
 
+from glmjax.data.chat_template import ChatFormatError, tool_call_parts
+
 Message = Mapping[str, Any]
 """A chat message: ``{"role": "system" | "user" | "assistant" | ..., "content": str}``."""
 
@@ -411,8 +413,9 @@ def to_openai_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
     * Every other message is copied as is.
 
     Raises:
-      LLMClientError: (not retryable) a tool call without a non-empty string ``name``, or an
-        observation that answers no call; the message index is named.
+      LLMClientError: (not retryable) a tool call without a non-empty string ``name`` or with
+        arguments that are not a JSON object (``tool_call_parts``), or an observation that
+        answers no call; the message index is named.
     """
     converted: list[dict[str, Any]] = []
     unanswered: collections.deque[str] = collections.deque()
@@ -422,19 +425,15 @@ def to_openai_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
         if role == "assistant" and message.get("tool_calls"):
             calls = []
             for call_index, call in enumerate(message["tool_calls"]):
-                function = call.get("function", call) if isinstance(call, Mapping) else None
-                name = function.get("name") if isinstance(function, Mapping) else None
-                if not isinstance(name, str) or not name:
-                    raise LLMClientError(f"message {index}: tool_calls[{call_index}] has no "
-                                         "string field 'name'")
-                arguments = function.get("arguments", {})
-                if not isinstance(arguments, str):
-                    arguments = json.dumps(arguments, ensure_ascii=False)
+                try:
+                    name, arguments = tool_call_parts(call, index, call_index)
+                except ChatFormatError as err:
+                    raise LLMClientError(str(err)) from err
                 call_id = f"call_{calls_seen}"
                 calls_seen += 1
                 unanswered.append(call_id)
-                calls.append({"id": call_id, "type": "function",
-                              "function": {"name": name, "arguments": arguments}})
+                calls.append({"id": call_id, "type": "function", "function": {
+                    "name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}})
             converted.append({**message, "content": message.get("content") or None,
                               "tool_calls": calls})
         elif role in ("observation", "tool"):
