@@ -87,7 +87,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_factory):
 def test_model_dir_of_another_config_is_refused(tmp_path, data_factory):
     _train(tmp_path, "run", data_factory, train_steps=1, mesh_shape=(-1, 1, 1, 1))
     before = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
-    with pytest.raises(CheckpointError, match=r"another model config \(hidden_size: checkpoint 128 vs config 64"):
+    with pytest.raises(CheckpointError, match=r"recorded run and the run.s model config differ \(hidden_size: 128 vs 64"):
         train(model_dir=str(tmp_path / "run"), model_config=CONFIG.replace(hidden_size=64),
               train_data=data_factory, train_steps=2, mesh_shape=(-1, 1, 1, 1))
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == before

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 from typing import Any
 
 import grain
@@ -13,23 +12,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from glmjax import sharding as sharding_lib
 from glmjax.checkpoints.hf_config import CheckpointError
-from glmjax.checkpoints.orbax_io import config_to_json, read_model_config, restore_target
-from glmjax.models.config import ModelConfig
+from glmjax.checkpoints.orbax_io import read_model_config, restore_target
 from glmjax.models.decoder import Decoder
 from glmjax.training.state import TrainState
-
-# Config fields that change the parameter shapes or meaning; the rest (dtypes, remat,
-# attention backend) may differ between a run and its resumption.
-_ARCHITECTURE_FIELDS = (
-    "architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-    "num_kv_heads", "head_dim", "qkv_bias", "tie_word_embeddings",
-)
-
 
 class _IteratorSnapshot:
     """The data-iterator state frozen at save time (async saves must not see later batches)."""
@@ -39,33 +28,6 @@ class _IteratorSnapshot:
 
     def get_state(self) -> bytes:
         return self._encoded
-
-
-def check_model_config(model_dir: str, config: ModelConfig) -> None:
-    """Records the model config in ``model_dir``, or checks it against the recorded one.
-
-    Raises:
-      CheckpointError: the directory holds a run of a different architecture (names the fields).
-    """
-    path = os.path.join(model_dir, "model_config.json")
-    current = config_to_json(config)
-    if os.path.exists(path):
-        with open(path) as f:
-            recorded = json.load(f)
-        differing = [
-            f"{k}: checkpoint {recorded.get(k)!r} vs config {current[k]!r}"
-            for k in _ARCHITECTURE_FIELDS
-            if recorded.get(k) != current[k]
-        ]
-        if differing:
-            raise CheckpointError(
-                f"{path}: MODEL_DIR holds a run of another model config ({'; '.join(differing)}); "
-                "use a new MODEL_DIR"
-            )
-    elif jax.process_index() == 0:
-        os.makedirs(model_dir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(current, f, indent=2)
 
 
 class Checkpointer:
@@ -157,31 +119,3 @@ def load_trained_model(
         manager.close()
     nnx.replace_by_pure_dict(state, restored["state"]["params"])
     return nnx.merge(graphdef, state)
-
-
-class TerminationFlag:
-    """Set by SIGTERM (and SIGINT) so the loop can save and exit cleanly at a step boundary.
-
-    In multi-process runs the flag is shared with ``any_process_requested`` so all processes
-    stop at the same step.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        del frame
-        self.requested = True
-
-    def any_process_requested(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
-        return bool(np.max(flags))
-
-    def restore_handlers(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

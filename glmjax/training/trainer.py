@@ -23,7 +23,9 @@ from glmjax.models.decoder import Decoder
 from glmjax.objectives.base import Objective
 from glmjax.objectives.lm import LMObjective
 from glmjax.training import optimizer as optimizer_lib
-from glmjax.training.checkpointing import Checkpointer, TerminationFlag, check_model_config
+from glmjax.training.checkpointing import Checkpointer
+from glmjax.training.preemption import StopRequest
+from glmjax.training.run_config import check_run_config, record_run_config
 from glmjax.training.metrics import MetricsWriter, ProgressLine
 from glmjax.training.state import (
     abstract_train_state,
@@ -150,7 +152,8 @@ def train(
         return _compile_report(jitted_step, tx, model_config, shardings, first_batch, batch_shape,
                                batch_sharding, mesh, extra)
 
-    check_model_config(model_dir, model_config)
+    check_run_config(model_dir, model_config)
+    record_run_config(model_dir, model_config)
     checkpoint_dir = os.path.join(model_dir, "checkpoints")
     checkpointer = Checkpointer(checkpoint_dir, keep=keep_checkpoints)
     latest = checkpointer.latest_step()
@@ -184,7 +187,7 @@ def train(
 
     writer = MetricsWriter(model_dir, resume_step=start_step)
     progress = ProgressLine(train_steps)
-    termination = TerminationFlag()
+    termination = StopRequest()
     tokens_per_step = batch_shape[0] * batch_shape[1]
     flops_per_step = flops.training_flops_per_token(model_config, batch_shape[1]) * tokens_per_step
     peak = peak_flops_per_device or device_peak_flops()
@@ -223,7 +226,7 @@ def train(
                 if step % checkpoint_every == 0 or step == train_steps:
                     _check_finite(pending_losses)
                     checkpointer.save(state, data_iterator, step=step)
-                if termination.any_process_requested():
+                if termination.should_stop(step):
                     _check_finite(pending_losses)
                     if checkpointer.latest_step() != step:
                         checkpointer.save(state, data_iterator, step=step)
@@ -236,7 +239,7 @@ def train(
     finally:
         checkpointer.close()
         writer.close()
-        termination.restore_handlers()
+        termination.close()
     return TrainResult(step, metrics, before, after, model_dir, checkpoint_dir, stopped_early)
 
 
