@@ -318,7 +318,13 @@ def test_make_global_batch_shards_over_the_mesh(tokenizer, chat_file):
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
     batch = _take(
         make_lm_dataset(
-            chat_file, "chat", tokenizer=tokenizer, seq_len=64, global_batch_size=8, **ONE_HOST
+            chat_file,
+            "chat",
+            tokenizer=tokenizer,
+            seq_len=64,
+            global_batch_size=8,
+            overlong="window",
+            **ONE_HOST,
         ),
         1,
     )[0]

@@ -1,12 +1,15 @@
 """JSONL and array_record sources: random access, errors naming file and line, empty data."""
 
+import io
 import pickle
 
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
 
 from glmjax.data.sources import (
+    NAMED_RECORD_MAGIC,
     DataFormatError,
     EmptyDatasetError,
     JsonlSource,
@@ -113,3 +116,61 @@ def test_token_record_errors(tmp_path):
     assert source[0]["input_ids"].tolist() == [1]
     with pytest.raises(DataFormatError, match="odd.array_record record 1: 3 bytes"):
         source[1]
+
+
+def test_named_array_records_round_trip(tmp_path):
+    path = tmp_path / "named.array_record"
+    teacher = np.arange(12, dtype=np.float32).reshape(4, 3)
+    records = [
+        [7, 8, 9],
+        {"input_ids": np.arange(4, dtype=np.int64), "teacher_probs": teacher,
+         "teacher_ids": teacher.astype(np.int32), "ref_logp": np.float32(-1.5)},
+        {"input_ids": []},
+    ]
+    assert write_token_records(path, records) == 3
+    source = TokenRecordSource(path)
+    assert source[0]["input_ids"].tolist() == [7, 8, 9] and set(source[0]) == {"input_ids"}
+    named = source[1]
+    assert set(named) == {"input_ids", "teacher_probs", "teacher_ids", "ref_logp"}
+    assert named["input_ids"].dtype == np.int32 and named["input_ids"].tolist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(named["teacher_probs"], teacher)
+    assert named["teacher_probs"].dtype == np.float32 and named["teacher_ids"].dtype == np.int32
+    assert named["ref_logp"].shape == () and named["ref_logp"] == -1.5
+    assert source[2]["input_ids"].shape == (0,)
+
+
+def test_named_array_record_errors(tmp_path):
+    path = tmp_path / "bad.array_record"
+    with pytest.raises(ValueError, match="sequence 0: a record of named arrays needs 'input_ids'"):
+        write_token_records(path, [{"ids": [1]}])
+    with pytest.raises(ValueError, match="sequence 0: 'text' must be a str naming a numeric array"):
+        write_token_records(path, [{"input_ids": [1], "text": "no"}])
+    with pytest.raises(ValueError, match="sequence 1 'input_ids': token ids do not fit"):
+        write_token_records(path, [{"input_ids": [1]}, {"input_ids": [2**40]}])
+    magic_id = int(np.frombuffer(NAMED_RECORD_MAGIC, "<i4")[0])
+    with pytest.raises(ValueError, match=f"sequence 0: token id {magic_id} would read as"):
+        write_token_records(path, [[magic_id, 1]])
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    writer.write(NAMED_RECORD_MAGIC + b"\xc1garbage")
+    writer.close()
+    with pytest.raises(DataFormatError, match="bad.array_record record 0: corrupt named-arrays"):
+        TokenRecordSource(path)[0]
+
+
+def test_url_paths_stay_urls():
+    url = "gs://bucket/data/train.jsonl"
+    content = b'{"text": "zero"}\n\n{"text": "one"}\n'
+    opened = []
+
+    def fake_open(_, path, mode="r", **kwargs):
+        opened.append(path)
+        return io.BytesIO(content)
+
+    with epath.testing.mock_epath(exists=lambda _, path: path == url,
+                                  isdir=lambda _, path: False, open=fake_open):
+        source = JsonlSource(url, required_fields=["text"])
+        assert source[1] == {"text": "one"}
+        with pytest.raises(FileNotFoundError, match="gs://bucket/data/missing.jsonl"):
+            JsonlSource("gs://bucket/data/missing.jsonl")
+    assert set(opened) == {url}
+    assert source.location(1) == f"{url}:3" and url in repr(source)

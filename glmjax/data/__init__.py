@@ -4,8 +4,10 @@ Modules:
   chat_template: render / tokenize GLM-4 conversations, parse model replies.
   tokenizer: load a local Hugging Face tokenizer, or build the embedded default one.
   sources: JSONL and array_record random-access sources.
-  encoders: record -> token ids and loss mask.
+  tfds_source: TFDS datasets (array_record file format) as random-access sources, without TF.
+  encoders: record -> token ids and loss mask (+ declared per-token / per-example features).
   pipeline: shuffled, sharded, packed, checkpointable grain datasets of LM batches.
+  spec: batch specs (dtype and logical axes per key, row groups).
   global_batch: per-host numpy batches -> global sharded ``jax.Array`` batches.
   synthetic: the default task (self-checking multi-step arithmetic) and its exact-match scorer.
 """
@@ -21,9 +23,21 @@ from glmjax.data.chat_template import (
     render_messages,
     stop_token_ids,
 )
-from glmjax.data.encoders import ChatEncoder, TextEncoder, TokenEncoder
+from glmjax.data.encoders import (
+    ChatEncoder,
+    FeatureEncoder,
+    RecordField,
+    TextEncoder,
+    TokenEncoder,
+)
 from glmjax.data.global_batch import make_global_batch
-from glmjax.data.pipeline import BATCH_KEYS, lm_dataset, make_lm_dataset
+from glmjax.data.pipeline import (
+    BATCH_KEYS,
+    DEFAULT_OVERLONG,
+    dropped_examples,
+    lm_dataset,
+    make_lm_dataset,
+)
 from glmjax.data.sources import (
     DataFormatError,
     EmptyDatasetError,
@@ -31,6 +45,7 @@ from glmjax.data.sources import (
     TokenRecordSource,
     write_token_records,
 )
+from glmjax.data.spec import BatchSpec, FeatureSpec, batch_spec_of, with_batch_spec
 from glmjax.data.synthetic import (
     ArithmeticConfig,
     EvalPrompt,
@@ -42,6 +57,7 @@ from glmjax.data.synthetic import (
     load_eval_prompts,
     write_arithmetic_jsonl,
 )
+from glmjax.data.tfds_source import TfdsSource
 from glmjax.data.tokenizer import (
     TokenizerError,
     build_default_tokenizer,
@@ -51,24 +67,32 @@ from glmjax.data.tokenizer import (
 
 __all__ = [
     "BATCH_KEYS",
+    "DEFAULT_OVERLONG",
     "EOS",
     "SPECIAL_TOKENS",
     "STOP_TOKENS",
     "ArithmeticConfig",
+    "BatchSpec",
     "ChatEncoder",
     "ChatEncoding",
     "ChatFormatError",
     "DataFormatError",
     "EmptyDatasetError",
     "EvalPrompt",
+    "FeatureEncoder",
+    "FeatureSpec",
     "JsonlSource",
     "Problem",
+    "RecordField",
     "TextEncoder",
+    "TfdsSource",
     "TokenEncoder",
     "TokenRecordSource",
     "TokenizerError",
+    "batch_spec_of",
     "build_default_tokenizer",
     "default_tokenizer",
+    "dropped_examples",
     "encode_chat",
     "exact_match_accuracy",
     "extract_answer",
@@ -83,5 +107,6 @@ __all__ = [
     "render_messages",
     "stop_token_ids",
     "write_arithmetic_jsonl",
+    "with_batch_spec",
     "write_token_records",
 ]

@@ -1,15 +1,28 @@
-"""gin-configurable data factories for the trainer (``train.train_data = @train/lm_data``)."""
+"""gin-configurable data factories for the trainer (``train.train_data = @train/lm_data``).
+
+Extra record fields become batch features through ``RecordField``, e.g.::
+
+    lm_data.data_format = "tokens"
+    lm_data.token_features = {"teacher_ids": @teacher_ids/RecordField(),
+                              "teacher_probs": @teacher_probs/RecordField()}
+    teacher_ids/RecordField.dtype = "int32"
+    teacher_ids/RecordField.shape = (8,)
+    teacher_probs/RecordField.dtype = "float32"
+    teacher_probs/RecordField.shape = (8,)
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import gin
-import grain
+from etils import epath
 from transformers import PreTrainedTokenizerBase
 
-from glmjax.data.pipeline import make_lm_dataset
+from glmjax.data.encoders import RecordField
+from glmjax.data.pipeline import Overlong, make_lm_dataset
+from glmjax.data.spec import SpecifiedIterDataset
 from glmjax.data.synthetic import ArithmeticConfig, write_arithmetic_jsonl
 from glmjax.data.tokenizer import default_tokenizer, load_tokenizer
 
@@ -33,15 +46,15 @@ def synthetic_arithmetic_file(
     config: ArithmeticConfig = ArithmeticConfig(),
 ) -> str:
     """Path of the synthetic reasoning task's ``split`` JSONL, written on first use."""
-    path = os.path.join(data_dir, f"{split}.jsonl")
-    if not (os.path.exists(os.path.join(data_dir, "train.jsonl")) and os.path.exists(
-            os.path.join(data_dir, "eval.jsonl"))):
+    directory = epath.Path(data_dir)
+    if not ((directory / "train.jsonl").exists() and (directory / "eval.jsonl").exists()):
         write_arithmetic_jsonl(data_dir, num_train=num_train, num_eval=num_eval, seed=seed,
                                config=config, fmt=data_format)
-    return path
+    return str(directory / f"{split}.jsonl")
 
 
 gin.external_configurable(ArithmeticConfig, module="glmjax.data")
+gin.external_configurable(RecordField, module="glmjax.data")
 
 
 @gin.configurable
@@ -50,7 +63,7 @@ def lm_data(
     seed: int,
     process_index: int,
     process_count: int,
-    paths: str | Sequence[str] = gin.REQUIRED,
+    paths: str | Sequence[str] | None = None,
     data_format: str = "text",
     tokenizer: PreTrainedTokenizerBase | None = None,
     field: str | None = None,
@@ -59,12 +72,24 @@ def lm_data(
     shuffle: bool = True,
     num_epochs: int | None = None,
     packing: bool = True,
+    overlong: Overlong | None = None,
+    token_features: Mapping[str, RecordField] | None = None,
+    example_features: Mapping[str, RecordField] | None = None,
+    max_segments_per_row: int | None = None,
+    group_size: int = 1,
     num_data_shards: int | None = None,
-) -> grain.IterDataset:
-    """The trainer's data factory over :func:`glmjax.data.pipeline.make_lm_dataset`."""
+    tfds_name: str | None = None,
+    tfds_split: str = "train",
+    tfds_data_dir: str | None = None,
+) -> SpecifiedIterDataset:
+    """The trainer's data factory over :func:`glmjax.data.pipeline.make_lm_dataset`: files
+    (``paths``) or a TFDS dataset (``tfds_name``, ``tfds_split``, ``tfds_data_dir``)."""
     return make_lm_dataset(
-        paths, data_format, tokenizer=tokenizer, field=field, seq_len=seq_len,
+        paths, data_format, tokenizer=tokenizer, field=field, token_features=token_features,
+        example_features=example_features, overlong=overlong, tfds_name=tfds_name,
+        tfds_split=tfds_split, tfds_data_dir=tfds_data_dir, seq_len=seq_len,
         global_batch_size=global_batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-        packing=packing, process_index=process_index, process_count=process_count,
+        packing=packing, max_segments_per_row=max_segments_per_row, group_size=group_size,
+        process_index=process_index, process_count=process_count,
         num_data_shards=num_data_shards,
     )
