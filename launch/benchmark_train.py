@@ -107,24 +107,25 @@ class OursStep:
             schedule, b1=_BETAS[0], b2=_BETAS[1], eps=_EPS, weight_decay=_WEIGHT_DECAY, clip_norm=_CLIP
         )
         shardings = train_state_shardings(self.tx, config, self.mesh)
-        self.state = init_train_state(config, self.tx, self.mesh, FLAGS.seed, shardings, params=params)
+        self.state = init_train_state(config, self.tx, self.mesh, FLAGS.seed, shardings, params)
         self.graphdef, _ = model_graph(config)
         self.objective = LMObjective(chunk_size=FLAGS.ce_chunk)
-        step = make_train_step(self.graphdef, self.objective, self.tx, schedule)
+        step = make_train_step(self.graphdef, self.objective, self.tx, schedule, self.objective.batch_spec(),
+                               param_shardings=shardings.params)
         batch_sharding = sharding.named_sharding(("act_batch", "act_seq"), batch["inputs"].shape, self.mesh)
         self.batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, batch_sharding)
         with jax.set_mesh(self.mesh):
             self._step = jax.jit(
-                step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                step, in_shardings=(shardings, None, batch_sharding), out_shardings=(shardings, None),
                 donate_argnums=0,
             )
 
     def __call__(self) -> float:
         """One step; returns the loss before the update."""
         with jax.set_mesh(self.mesh):
-            self.state, metrics = self._step(self.state, self.batch)
-            jax.block_until_ready((self.state, metrics))
-        return float(metrics["loss"])
+            self.state, outputs = self._step(self.state, None, self.batch)
+            jax.block_until_ready((self.state, outputs))
+        return float(outputs["means"]["loss"].value())
 
 
 class PeerStep:

@@ -15,13 +15,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tokenize
 
 import gin
 import jax
 from absl import app, flags, logging
 
 from glmjax import configurables  # noqa: F401  (registers everything gin files may name)
-from glmjax.training.trainer import TrainingDivergedError, train
+from glmjax.checkpoints.hf_config import CheckpointError
+from glmjax.data.sources import DataFormatError, EmptyDatasetError
+from glmjax.data.spec import BatchSpecError
+from glmjax.training.trainer import ConfigError, TrainingDivergedError, train
 
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "gin config files, applied in order.")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "gin bindings, applied after the files.")
@@ -30,6 +34,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() from the environment.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "With --compile_only: compile for this TPU topology (e.g. v5p:2x2x1, v5e:2x4) "
+    "through libtpu, without a TPU; prints per-device HBM use and XLA's FLOPs.")
 
 _GIN_FLAG_PREFIX = "--gin."
 
@@ -57,55 +64,82 @@ def _initialize_distributed() -> None:
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Errors that mean "the config or the input is wrong": one line, non-zero exit, nothing lost.
+_USER_ERRORS = (ConfigError, CheckpointError, BatchSpecError, DataFormatError, EmptyDatasetError,
+                FileNotFoundError)
 
-def _parse_gin(extra_bindings: list[str]) -> None:
+
+class GinConfigError(ValueError):
+    """A gin file or binding that does not parse (the message names the file and line, or the binding)."""
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, tokenize.TokenError) and len(err.args) == 2:
+        message, (line, _) = err.args
+        return f"line {line}: {message}"
+    return "; ".join(part.strip() for part in str(err).splitlines() if part.strip())
+
+
+def parse_gin(files: list[str], bindings: list[str]) -> None:
+    """Parses gin files (searched relative to the repository too) and then bindings, in order.
+
+    Raises:
+      GinConfigError: naming the file (and line) or the binding that failed.
+    """
     gin.add_config_file_search_path(REPO_ROOT)
-    try:
-        gin.parse_config_files_and_bindings(_GIN_FILES.value, [*_GIN_BINDINGS.value, *extra_bindings])
-    except (ValueError, SyntaxError, OSError) as err:
-        raise app.UsageError(f"gin config error: {err}") from err
+    for file in files:
+        try:
+            gin.parse_config_file(file)
+        except Exception as err:  # gin raises ValueError, SyntaxError, TokenError, IOError, ...
+            raise GinConfigError(f"{file}: {_one_line(err)}") from err
+    for binding in bindings:
+        try:
+            gin.parse_config(binding)
+        except Exception as err:
+            raise GinConfigError(f"binding {binding!r}: {_one_line(err)}") from err
+    gin.finalize()
 
 
-def _resolve(value):
-    """Follows a gin macro reference (``%MODEL_DIR``) to its value."""
-    while isinstance(value, gin.config.ConfigurableReference) and value.scoped_selector.endswith("gin.macro"):
-        value = gin.query_parameter("%" + value.scoped_selector.rsplit("/", 1)[0])
-    return value
+def _fail(message: str) -> int:
+    logging.error("%s", message)
+    print(f"train: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str], extra_bindings: list[str]) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        return _fail(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # library INFO logs (orbax) drown the progress line
     _initialize_distributed()
-    _parse_gin(extra_bindings)
-    if _COMPILE_ONLY.value:
-        report = train(compile_only=True)
-        print(json.dumps(report))
-        return 0
-    model_dir = _resolve(gin.query_parameter("train.model_dir"))
-    if jax.process_index() == 0:
-        os.makedirs(model_dir, exist_ok=True)
-        with open(os.path.join(model_dir, "config.gin"), "w") as f:
-            f.write(gin.config_str())
     try:
+        parse_gin(_GIN_FILES.value, [*_GIN_BINDINGS.value, *extra_bindings])
+    except GinConfigError as err:
+        return _fail(f"gin config error: {err}")
+    if _TOPOLOGY.value and not _COMPILE_ONLY.value:
+        return _fail("--topology needs --compile_only")
+    try:
+        if _COMPILE_ONLY.value:
+            print(json.dumps(train(compile_only=True, topology=_TOPOLOGY.value)))
+            return 0
         result = train()
     except TrainingDivergedError as err:
         logging.error("%s", err)
         print(f"training stopped: {err}", file=sys.stderr)
         return 3
+    except _USER_ERRORS as err:
+        return _fail(_one_line(err))
     if jax.process_index() == 0:
-        with open(os.path.join(model_dir, "config.gin"), "w") as f:
-            f.write(gin.operative_config_str())
         summary = {
             "step": result.step,
             "loss": result.metrics.get("loss"),
             "before": result.before,
             "after": result.after,
-            "model_dir": os.path.abspath(result.model_dir),
-            "checkpoints": os.path.abspath(result.checkpoint_dir),
-            "metrics": os.path.abspath(os.path.join(result.model_dir, "metrics.jsonl")),
+            "skipped_updates": result.skipped_updates,
+            "dropped_examples": result.dropped_examples,
+            "model_dir": result.model_dir,
+            "checkpoints": result.checkpoint_dir,
+            "metrics": f"{result.model_dir}/metrics.jsonl",
             "stopped_early": result.stopped_early,
         }
         print(json.dumps(summary))

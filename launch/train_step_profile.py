@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from glmjax import flops
 from glmjax.models import attention as attention_lib
 from glmjax.models.config import ModelConfig
-from glmjax.objectives import LMObjective, chunked_cross_entropy
+from glmjax.objectives import LMObjective, StepInputs, chunked_cross_entropy
 from glmjax.training.state import TrainState
 
 
@@ -137,7 +137,8 @@ def profile(
     tokens = rows * seq
 
     def loss(params):
-        return objective.loss(nnx.merge(graphdef, params), batch, jax.random.key(0), None).total
+        inputs = StepInputs(jax.random.key(0), jnp.zeros((), jnp.int32))
+        return objective.loss(nnx.merge(graphdef, params), batch, inputs).total
 
     forward = jax.jit(loss)
     forward_backward = jax.jit(jax.grad(loss))

@@ -161,3 +161,77 @@ def test_bfloat16_tensors_load_into_float32(tmp_path, hf_dir):
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
     model = glmjax.from_pretrained(str(bad))
     assert flat_params(model)["embedding"][...].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_unreadable_safetensors_name_the_file(tmp_path, hf_dir, damage):
+    bad = _copy(hf_dir, tmp_path / "bad")
+    weights = bad / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x07garbage" * 100)
+    with pytest.raises(CheckpointError, match=rf"{weights}: not a readable safetensors file \(Error while deser"):
+        glmjax.from_pretrained(str(bad))
+
+
+def _weights(model):
+    return {name: np.asarray(v[...]) for name, v in flat_params(model).items()}
+
+
+def test_save_pretrained_refuses_then_replaces_a_sharded_checkpoint(tmp_path):
+    old, new = create_model(preset("glm4-tiny"), seed=1), create_model(preset("glm4-tiny"), seed=2)
+    glmjax.save_pretrained(old, str(tmp_path), max_shard_bytes=200_000)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}: output directory is not empty \(config.json, "):
+        glmjax.save_pretrained(new, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == before
+    glmjax.save_pretrained(new, str(tmp_path), overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    reloaded = _weights(glmjax.from_pretrained(str(tmp_path)))
+    for name, value in _weights(new).items():
+        np.testing.assert_array_equal(reloaded[name], value)
+
+
+def test_interrupted_overwrite_never_loads_as_the_old_weights(tmp_path, monkeypatch):
+    from etils import epath
+
+    old, new = create_model(preset("glm4-tiny"), seed=1), create_model(preset("glm4-tiny"), seed=2)
+    glmjax.save_pretrained(old, str(tmp_path), max_shard_bytes=200_000)
+    # A crash while writing the new files: the old checkpoint is untouched.
+    def disk_full(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("glmjax.checkpoints.hf.write_sharded", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        glmjax.save_pretrained(new, str(tmp_path), overwrite=True)
+    monkeypatch.undo()
+    reloaded = _weights(glmjax.from_pretrained(str(tmp_path)))
+    assert all(np.array_equal(reloaded[name], value) for name, value in _weights(old).items())
+    # A crash while moving the new files in: no config.json, so loading fails loudly.
+    rename = epath.Path.rename
+    calls = []
+
+    def crash_on_second(self, target):
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError("killed")
+        return rename(self, target)
+
+    monkeypatch.setattr(type(epath.Path(tmp_path)), "rename", crash_on_second)
+    with pytest.raises(OSError, match="killed"):
+        glmjax.save_pretrained(new, str(tmp_path), overwrite=True, max_shard_bytes=300_000)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        glmjax.from_pretrained(str(tmp_path))
+
+
+def test_save_model_refuses_then_overwrites(tmp_path):
+    old, new = create_model(preset("glm4-tiny"), seed=1), create_model(preset("glm4-tiny"), seed=2)
+    save_model(old, str(tmp_path / "ckpt"))
+    with pytest.raises(CheckpointError, match=r"ckpt: output directory is not empty \(model_config.json, params\)"):
+        save_model(new, str(tmp_path / "ckpt"))
+    save_model(new, str(tmp_path / "ckpt"), overwrite=True)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["model_config.json", "params"]
+    reloaded = _weights(load_model(str(tmp_path / "ckpt")))
+    for name, value in _weights(new).items():
+        np.testing.assert_array_equal(reloaded[name], value)

@@ -134,7 +134,7 @@ def test_cli_with_orbax_checkpoint_or_training_run(setup, tmp_path, source):
         record_run_config(str(tmp_path / "run"), model.config)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         checkpointer = Checkpointer(str(tmp_path / "run" / "checkpoints"))
-        checkpointer.save(fresh_train_state(model.config, optax.adamw(1e-3), 0, params), None, step=3)
+        checkpointer.save(fresh_train_state(model.config, optax.adamw(1e-3), 0, params), step=3)
         checkpointer.close()
         model_flags = [f"--run_dir={tmp_path / 'run'}"]
     _write_lines(tmp_path / "in.jsonl", [json.dumps(r) for r in GOOD_ROWS[:3]] + ["[]"])

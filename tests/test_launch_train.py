@@ -34,6 +34,7 @@ def _bindings(tmp_path, model_dir, steps=8, extra=()):
         "--gin.synthetic_arithmetic_file.num_eval=20",
         f"--gin.tokenizer.cache_dir='{tmp_path / 'tokenizer'}'",
         "--gin.lm_data.num_data_shards=2",
+        "--gin.lm_data.overlong='window'",
         *extra,
     ]
 

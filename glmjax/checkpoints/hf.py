@@ -18,13 +18,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from glmjax import sharding as sharding_lib
+from glmjax.checkpoints import paths
 from glmjax.checkpoints.hf_config import CheckpointError, config_from_hf, config_to_hf, read_hf_config
 from glmjax.checkpoints.hf_layout import TensorMapping, tensor_layout
-from glmjax.checkpoints.safetensors_io import SafetensorsReader, write_sharded
+from glmjax.checkpoints.safetensors_io import SafetensorsReader, checkpoint_files, write_sharded
 from glmjax.models.config import ModelConfig
 from glmjax.models.decoder import Decoder
 from glmjax.models.params import abstract_model, flat_params, logical_axes
 
+CONFIG_FILE = "config.json"
 _SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -124,7 +126,7 @@ def from_pretrained(
       CheckpointError: naming the file, field or tensor that is missing, misshaped or unusable.
     """
     raw = read_hf_config(path)
-    config_path = os.path.join(path, "config.json")
+    config_path = os.path.join(path, CONFIG_FILE)
     if isinstance(dtype, str) and dtype == "auto":
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
     dtype_name = _dtype_name(dtype, "dtype")
@@ -167,16 +169,24 @@ def _host_array(array: jax.Array) -> np.ndarray:
 
 
 def save_pretrained(
-    model: Decoder, path: str, *, dtype: Any | None = None, max_shard_bytes: int = 5 << 30
+    model: Decoder, path: str, *, dtype: Any | None = None, max_shard_bytes: int = 5 << 30,
+    overwrite: bool = False,
 ) -> None:
     """Writes ``config.json`` and safetensors that ``transformers.AutoModelForCausalLM`` loads.
 
     Args:
       dtype: storage dtype (default: the parameters' dtype).
       max_shard_bytes: split the weights into several files past this size.
+      overwrite: replace the checkpoint of a non-empty ``path``: the new one is written
+        completely first, then the old config, index and shards are removed (other files stay).
 
     In multi-process runs every process must call this; only process 0 writes.
+
+    Raises:
+      CheckpointError: ``path`` is not empty and not ``overwrite`` (checked before any work).
     """
+    directory = paths.as_path(path)
+    paths.refuse_existing(directory, overwrite)
     config: ModelConfig = model.config
     params = flat_params(model)
     dtype_name = _dtype_name(dtype if dtype is not None else config.param_dtype, "dtype")
@@ -196,7 +206,7 @@ def save_pretrained(
         for _ in tensors():  # participate in collectives
             pass
         return
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(config, dtype_name), f, indent=2)
-    write_sharded(tensors(), path, max_shard_bytes)
+    staging = paths.fresh_staging_dir(directory)
+    write_sharded(tensors(), str(staging), max_shard_bytes)
+    (staging / CONFIG_FILE).write_text(json.dumps(config_to_hf(config, dtype_name), indent=2))
+    paths.commit_staged(directory, staging, CONFIG_FILE, checkpoint_files(str(directory)))

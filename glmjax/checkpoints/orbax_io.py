@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from glmjax import sharding as sharding_lib
+from glmjax.checkpoints import paths
 from glmjax.checkpoints.hf_config import CheckpointError
 from glmjax.models.config import ModelConfig
 from glmjax.models.decoder import Decoder
@@ -23,6 +24,15 @@ from glmjax.models.params import abstract_model, state_shardings
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
+
+
+def error_summary(err: BaseException) -> str:
+    """The first line of the innermost cause of ``err`` (tensorstore's own words), shortened:
+    orbax wraps tensorstore errors in multi-line dumps of the array spec."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    return lines[0][:300]
 
 
 def config_to_json(config: ModelConfig) -> dict[str, Any]:
@@ -45,40 +55,68 @@ def config_from_json(raw: dict[str, Any], path: str, **overrides) -> ModelConfig
         raise CheckpointError(f"{path}: {err}") from err
 
 
-def read_model_config(directory: str, **overrides) -> ModelConfig:
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
+def read_model_config(directory: str | os.PathLike, **overrides) -> ModelConfig:
+    """The ``ModelConfig`` in ``directory/model_config.json`` (local path or URL)."""
+    path = paths.as_path(directory) / CONFIG_FILE
+    if not path.is_file():
         raise CheckpointError(f"{path}: missing; not a glmjax model checkpoint directory")
-    with open(path) as f:
-        return config_from_json(json.load(f), path, **overrides)
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+    return config_from_json(raw, str(path), **overrides)
 
 
-def save_model(model: Decoder, directory: str) -> None:
-    """Writes the parameters (orbax) and the config. All processes must call this."""
-    directory = os.path.abspath(directory)
+def save_model(model: Decoder, directory: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Writes the parameters (orbax ``params/``) and ``model_config.json``. All processes must
+    call this.
+
+    Args:
+      directory: local path or URL (``gs://...``).
+      overwrite: replace the checkpoint of a non-empty ``directory``: the new one is written
+        completely first, then the old ``params/`` and config are replaced (other files stay).
+
+    Raises:
+      CheckpointError: ``directory`` is not empty and not ``overwrite`` (checked before any work).
+    """
+    directory = paths.as_path(directory)
+    paths.refuse_existing(directory, overwrite)
+    primary = jax.process_index() == 0
+    staging = directory / paths.STAGING_DIR
+    if primary:
+        paths.fresh_staging_dir(directory)
+    paths.barrier("glmjax_save_model_staging")
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(directory, PARAMS_DIR), params, force=True)
+    checkpointer.save(staging / PARAMS_DIR, params)
     checkpointer.wait_until_finished()
-    if jax.process_index() == 0:
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            json.dump(config_to_json(model.config), f, indent=2)
+    checkpointer.close()
+    if primary:
+        (staging / CONFIG_FILE).write_text(json.dumps(config_to_json(model.config), indent=2))
+        paths.commit_staged(directory, staging, CONFIG_FILE, [PARAMS_DIR])
+    paths.barrier("glmjax_save_model_commit")
 
 
 def load_model(
-    directory: str, *, mesh: Mesh | None = None, rules: sharding_lib.AxisRules | None = None, **overrides
+    directory: str | os.PathLike, *, mesh: Mesh | None = None, rules: sharding_lib.AxisRules | None = None,
+    **overrides,
 ) -> Decoder:
     """Restores a decoder saved by ``save_model``; ``overrides`` change runtime config fields.
 
     Raises:
       CheckpointError: the directory has no config, or the stored arrays do not fit the config.
     """
-    directory = os.path.abspath(directory)
+    directory = paths.as_path(directory)
     graphdef, state, target = restore_target(read_model_config(directory, **overrides), mesh, rules)
+    checkpointer = ocp.StandardCheckpointer()
     try:
-        restored = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR), target)
+        restored = checkpointer.restore(directory / PARAMS_DIR, target)
     except (ValueError, KeyError, FileNotFoundError) as err:
-        raise CheckpointError(f"{directory}: parameters do not match {CONFIG_FILE}: {err}") from err
+        raise CheckpointError(f"{directory}: parameters do not match {CONFIG_FILE}: {error_summary(err)}") from err
+    except Exception as err:  # noqa: BLE001 - tensorstore read errors arrive as bare Exceptions
+        raise CheckpointError(f"{directory / PARAMS_DIR}: unreadable parameters ({error_summary(err)})") from err
+    finally:
+        checkpointer.close()
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
 

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from collections.abc import Iterable
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy so safetensors can read it)
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from glmjax.checkpoints.hf_config import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+_SHARD_PATTERNS = ("model-*-of-*.safetensors", ".shard-*.tmp")
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -53,7 +55,10 @@ class SafetensorsReader:
 
     def _open(self, path: str):
         if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="numpy")
+            try:
+                self._handles[path] = safe_open(path, framework="numpy")
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
         return self._handles[path]
 
     def names(self) -> list[str]:
@@ -72,7 +77,28 @@ class SafetensorsReader:
         return tuple(sliced.get_shape()), np.dtype(_DTYPES[dtype])
 
     def get(self, name: str) -> np.ndarray:
-        return self._open(self.file_of(name)).get_tensor(name)
+        path = self.file_of(name)
+        try:
+            return self._open(path).get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({err})") from err
+
+
+def checkpoint_files(directory: str) -> list[str]:
+    """Names of the safetensors checkpoint files in ``directory``: the single file, the index,
+    the shards it lists and any ``model-*-of-*.safetensors`` or unfinished shard left over."""
+    if not os.path.isdir(directory):
+        return []
+    entries = os.listdir(directory)
+    names = {name for name in entries if name in (SINGLE_FILE, INDEX_FILE)}
+    names.update(name for name in entries if any(fnmatch.fnmatch(name, p) for p in _SHARD_PATTERNS))
+    try:
+        with open(os.path.join(directory, INDEX_FILE)) as f:
+            listed = set(json.load(f)["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        listed = set()  # no index, or one too broken to list more shards than the patterns found
+    names.update(name for name in entries if name in listed)
+    return sorted(names)
 
 
 def write_sharded(

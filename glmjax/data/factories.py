@@ -17,12 +17,14 @@ import os
 from collections.abc import Mapping, Sequence
 
 import gin
+import grain
+import numpy as np
 from etils import epath
 from transformers import PreTrainedTokenizerBase
 
 from glmjax.data.encoders import RecordField
 from glmjax.data.pipeline import Overlong, make_lm_dataset
-from glmjax.data.spec import SpecifiedIterDataset
+from glmjax.data.spec import LM_FEATURES, SpecifiedIterDataset, lm_batch_spec, with_batch_spec
 from glmjax.data.synthetic import ArithmeticConfig, write_arithmetic_jsonl
 from glmjax.data.tokenizer import default_tokenizer, load_tokenizer
 
@@ -93,3 +95,29 @@ def lm_data(
         process_index=process_index, process_count=process_count,
         num_data_shards=num_data_shards,
     )
+
+
+@gin.configurable
+def placeholder_lm_data(
+    *,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    seq_len: int = gin.REQUIRED,
+    global_batch_size: int = gin.REQUIRED,
+) -> SpecifiedIterDataset:
+    """All-zero LM batches of the right shapes, for compile-only memory checks (no data needed).
+
+    Every element is this process's ``global_batch_size // process_count`` rows of the LM keys
+    (``spec.LM_FEATURES``), int32 ``[rows, seq_len]``, one document per row.
+    """
+    del seed, process_index
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of {process_count} processes")
+    rows = global_batch_size // process_count
+    batch = {k: np.zeros((rows, seq_len), np.int32) for k in LM_FEATURES}
+    batch["segment_ids"][:] = 1
+    batch["positions"][:] = np.arange(seq_len)
+    batch["loss_mask"][:] = 1
+    dataset = grain.MapDataset.source([batch]).repeat().to_iter_dataset()
+    return with_batch_spec(dataset, lm_batch_spec())

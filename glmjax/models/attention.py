@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from glmjax import sharding
+from glmjax.hardware import current_platform
 
 # Finite "minus infinity": fully masked rows (padding queries) stay finite.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -233,8 +234,13 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
-@functools.lru_cache(maxsize=16)
 def _splash_kernel(seq_q: int, seq_kv: int, groups: int, interpret: bool):
+    """Causal splash MQA kernel for ``groups`` query heads per KV head, built in the caller's trace.
+
+    Its mask tables (numpy, cached by splash per mask) become constants of the traced program:
+    nothing runs eagerly, so it also builds under a compile-only mesh (a TPU topology on a CPU
+    host, where no array can be placed).
+    """
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash,
         splash_attention_mask as splash_mask,
@@ -247,8 +253,7 @@ def _splash_kernel(seq_q: int, seq_kv: int, groups: int, interpret: bool):
         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
         block_q_dq=block, block_kv_dq=block,
     )
-    with jax.ensure_compile_time_eval():  # mask tables must be constants, not tracers of the caller
-        return splash.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    return splash.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
 def splash_attention(
@@ -289,7 +294,7 @@ def splash_attention(
         out = jax.vmap(one_row)(qg.astype(q.dtype), kt, vt, q_seg, kv_seg)
         return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
-    # Kernels are built outside shard_map: their mask tables are constants of no mesh.
+    # Kernels are built outside shard_map: their mask tables enter it as replicated constants.
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or math.prod(mesh.axis_sizes) == 1:
         return attend_shard(_splash_kernel(seq_q, seq_kv, groups, interpret),
@@ -348,7 +353,9 @@ def attend(
     prefill method and needs unpacked sequences (no segment ids), else it falls back to "xla";
     "blockwise" needs self-attention (seq_q == seq_kv), else it falls back to "xla"; "splash"
     needs sequence lengths that are multiples of 128 (its block size), else it falls back to
-    "xla" (short prompts in generation buckets).
+    "xla" (short prompts in generation buckets). Splash runs as a Mosaic TPU kernel when the
+    ambient mesh's devices are TPUs (also for an ahead-of-time compile for a TPU topology on a
+    CPU host), in the Pallas interpreter otherwise.
     """
     batch, seq_q = q.shape[:2]
     seq_kv = k.shape[1]
@@ -362,7 +369,7 @@ def attend(
     if q_offsets is None and backend == "blockwise" and seq_q == seq_kv:
         return blockwise_attention(q, k, v, q_seg, kv_seg)
     if q_offsets is None and backend == "splash" and seq_q % 128 == 0 and seq_kv % 128 == 0:
-        return splash_attention(q, k, v, q_seg, kv_seg, interpret=jax.default_backend() != "tpu")
+        return splash_attention(q, k, v, q_seg, kv_seg, interpret=current_platform() != "tpu")
     mask = attention_mask(q_seg, kv_seg, q_offsets)
     if backend == "fused" and q_offsets is None:
         return fused_attention(q, k, v, mask)

@@ -7,6 +7,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from glmjax.sharding import constrain
+
+_KERNEL_AXES = ("embed", "vocab")
+
 
 def chunked_cross_entropy(
     hidden: jax.Array,
@@ -97,7 +101,10 @@ def _chunk_grad(
     probs = jnp.exp(logits - log_z[..., None]) * (1.0 + 2.0 * z_loss * log_z)[..., None]
     logit_grad = (g[..., None] * (probs - _is_target(logits, t))).astype(h.dtype)
     h_grad = jnp.einsum("bcv,ev->bce", logit_grad, kernel, preferred_element_type=jnp.float32)
-    kernel_grad = jnp.einsum("bce,bcv->ev", h, logit_grad, preferred_element_type=jnp.float32)
+    # Sharded like the kernel: each device reduces its rows' contribution into its own shard
+    # (reduce-scatter) instead of all-reducing a full fp32 [embed, vocab] buffer.
+    kernel_grad = constrain(
+        jnp.einsum("bce,bcv->ev", h, logit_grad, preferred_element_type=jnp.float32), _KERNEL_AXES)
     return kernel_grad, h_grad.astype(h.dtype)
 
 
@@ -110,12 +117,13 @@ def _chunked_loss_bwd(
     def grad(h, t, lz, g):
         return _chunk_grad(h, kernel, t, lz, g, z_loss)
 
-    # The first chunk starts the kernel-gradient sum (no zero-filled [embed, vocab] buffer).
+    # The first chunk starts the kernel-gradient sum (no zero-filled [embed, vocab] buffer). The
+    # fp32 sum is constrained like the kernel, so it is never a replicated [embed, vocab] buffer.
     kernel_grad, first_hidden_grad = grad(*(x[0] for x in chunks))
 
     def accumulate(total, inputs):
         chunk_kernel_grad, hidden_grad = grad(*inputs)
-        return total + chunk_kernel_grad, hidden_grad
+        return constrain(total + chunk_kernel_grad, _KERNEL_AXES), hidden_grad
 
     kernel_grad, hidden_grads = jax.lax.scan(accumulate, kernel_grad, tuple(x[1:] for x in chunks))
     hidden_grad = jnp.concatenate([first_hidden_grad[None], hidden_grads], axis=0)

@@ -63,11 +63,25 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: dict,
     )
 
 
+def leaf_shardings(tree: Any, mesh: Mesh) -> Any:
+    """The sharding of every leaf of ``tree`` (arrays or ``ShapeDtypeStruct``s); leaves without
+    a concrete sharding on ``mesh`` are replicated."""
+
+    def sharding_of(leaf):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return NamedSharding(mesh, sharding.spec)
+        return replicated(mesh)
+
+    return jax.tree.map(sharding_of, tree)
+
+
 def train_state_shardings(
     tx: optax.GradientTransformation, config: ModelConfig, mesh: Mesh, extra: Any = None,
     rules: sharding_lib.AxisRules | None = None,
 ) -> TrainState:
-    """A TrainState-shaped tree of shardings."""
+    """A TrainState-shaped tree of shardings; ``extra`` (arrays or ``ShapeDtypeStruct``s) gives
+    the objective's evolving state its own."""
     _, abstract_params = model_graph(config)
     shardings = param_shardings(config, mesh, rules)
     return TrainState(
@@ -75,17 +89,28 @@ def train_state_shardings(
         params=shardings,
         opt_state=opt_state_shardings(tx, abstract_params, shardings, mesh),
         rng=replicated(mesh),
-        extra=jax.tree.map(lambda x: x.sharding, extra),
+        extra=leaf_shardings(extra, mesh),
     )
+
+
+def random_params(config: ModelConfig, seed: int) -> dict:
+    """Seeded random parameters (the same values every time for the same config and seed)."""
+    return nnx.to_pure_dict(nnx.state(Decoder(config, nnx.Rngs(params=seed)), nnx.Param))
+
+
+def init_random_params(config: ModelConfig, mesh: Mesh, seed: int, shardings: dict) -> dict:
+    """``random_params`` computed straight into ``shardings`` (each device makes its shards)."""
+    with jax.set_mesh(mesh):
+        return jax.jit(lambda: random_params(config, seed), out_shardings=shardings)()
 
 
 def fresh_train_state(
     config: ModelConfig, tx: optax.GradientTransformation, seed: int, params: dict | None = None,
     extra: Any = None,
 ) -> TrainState:
-    """Step 0: random parameters (or ``params``), zero optimiser state."""
+    """Step 0: ``params`` (default: ``random_params(config, seed)``), zero optimiser state."""
     if params is None:
-        params = nnx.to_pure_dict(nnx.state(Decoder(config, nnx.Rngs(params=seed)), nnx.Param))
+        params = random_params(config, seed)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -109,12 +134,15 @@ def init_train_state(
     mesh: Mesh,
     seed: int,
     shardings: TrainState,
-    params: dict | None = None,
+    params: dict,
     extra: Any = None,
+    donate: bool = False,
 ) -> TrainState:
-    """``fresh_train_state`` computed straight into ``shardings`` (each device makes its shards)."""
+    """``fresh_train_state`` from ``params`` computed into ``shardings``. With ``donate`` the
+    parameter buffers move into the state (``params`` must not be used afterwards); otherwise
+    the state holds its own copy."""
     with jax.set_mesh(mesh):
         return jax.jit(
             lambda params, extra: fresh_train_state(config, tx, seed, params, extra),
-            out_shardings=shardings,
+            out_shardings=shardings, donate_argnums=(0,) if donate else (),
         )(params, extra)

@@ -10,6 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.platform import current_platform
 from pallas_kernels.sample_attention.layout import BlockLayout
 from pallas_kernels.sample_attention.pallas_tpu import pallas_sample_attention
 from pallas_kernels.sample_attention.reference import reference_attention
@@ -22,17 +23,16 @@ BACKENDS = ("auto", "xla", "pallas", "triton", "reference")
 
 
 def resolve_backend(backend: str) -> str:
-  """Maps ``'auto'`` to ``'pallas'`` on TPU, ``'triton'`` on GPU, ``'xla'`` elsewhere."""
+  """Maps ``'auto'`` to ``'pallas'`` on TPU, ``'triton'`` on GPU, ``'xla'`` elsewhere.
+
+  The platform is the ambient mesh's (``jax.set_mesh``), so an ahead-of-time compile for a
+  TPU topology on a CPU host picks the TPU kernel; without a mesh, the default backend's.
+  """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if backend != "auto":
     return backend
-  platform = jax.default_backend()
-  if platform == "tpu":
-    return "pallas"
-  if platform in ("gpu", "cuda", "rocm"):
-    return "triton"
-  return "xla"
+  return {"tpu": "pallas", "gpu": "triton"}.get(current_platform(), "xla")
 
 
 def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
