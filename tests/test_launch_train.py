@@ -145,3 +145,26 @@ def test_unknown_gin_binding_is_a_clear_error(tmp_path):
 def test_mesh_shape_mismatch_is_a_clear_error(tmp_path):
     code, _, stderr = _run(_bindings(tmp_path, tmp_path / "bad", extra=["--gin.MESH_SHAPE=(3, 1, 1, 1)"]))
     assert code != 0 and "MESH_SHAPE (3, 1, 1, 1) needs 3 devices but 8 are available" in stderr
+
+
+def test_refused_config_leaves_the_run_untouched(uninterrupted, tmp_path):
+    run_tmp, model_dir, _ = uninterrupted
+    before = {name: (model_dir / name).read_bytes() for name in ("config.gin", "model_config.json", "metrics.jsonl")}
+    code, _, stderr = _run(_bindings(run_tmp, model_dir, extra=["--gin.preset.rms_norm_eps=1e-5"]))
+    assert code == 2 and "rms_norm_eps" in stderr and "Traceback" not in stderr
+    assert {name: (model_dir / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(model_dir / "checkpoints")) == ["3", "6", "8"]
+
+
+def test_malformed_gin_file_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.gin"
+    bad.write_text("train.seed = 1\ntrain.log_every = (1,\n")
+    code, _, stderr = _run([*_bindings(tmp_path, tmp_path / "bad"), f"--gin_file={bad}"])
+    assert code == 2 and f"{bad}: line 3: EOF in multi-line statement" in stderr
+    assert "Traceback" not in stderr and not (tmp_path / "bad").exists()
+
+
+def test_nonpositive_train_steps_is_a_one_line_error(tmp_path):
+    code, _, stderr = _run(_bindings(tmp_path, tmp_path / "bad", steps=-5))
+    assert code == 2 and "train: train.train_steps=-5: must be an integer >= 1" in stderr
+    assert "Traceback" not in stderr and not (tmp_path / "bad").exists()

@@ -64,9 +64,6 @@ class DatasetStream:
         self.iterator = iter(self.dataset)
         self.first = None
 
-    def example(self) -> HostBatch:
-        return self.first
-
     def next(self) -> HostBatch:
         if self.first is not None:
             batch, self.first = self.first, None
