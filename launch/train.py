@@ -26,14 +26,11 @@ from glmjax.checkpoints.hf_config import CheckpointError
 from glmjax.data.sources import DataFormatError, EmptyDatasetError
 from glmjax.data.spec import BatchSpecError
 from glmjax.training.trainer import ConfigError, TrainingDivergedError, train
+from launch import common
 
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "gin config files, applied in order.")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "gin bindings, applied after the files.")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile the train step, print memory per device, exit.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax.distributed.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() from the environment.")
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "With --compile_only: compile for this TPU topology (e.g. v5p:2x2x1, v5e:2x4) "
     "through libtpu, without a TPU; prints per-device HBM use and XLA's FLOPs.")
@@ -53,13 +50,6 @@ def split_gin_shorthand(argv: list[str]) -> tuple[list[str], list[str]]:
         else:
             rest.append(arg)
     return rest, bindings
-
-
-def _initialize_distributed() -> None:
-    if _COORDINATOR.value:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    elif _DISTRIBUTED.value:
-        jax.distributed.initialize()
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,9 +99,8 @@ def _fail(message: str) -> int:
 def main(argv: list[str], extra_bindings: list[str]) -> int:
     if len(argv) > 1:
         return _fail(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # library INFO logs (orbax) drown the progress line
-    _initialize_distributed()
+    common.quiet_library_logs()
+    common.initialize_distributed()
     try:
         parse_gin(_GIN_FILES.value, [*_GIN_BINDINGS.value, *extra_bindings])
     except GinConfigError as err:

@@ -15,8 +15,10 @@ from glmjax import sharding
 from glmjax.checkpoints import CheckpointError, paths
 from glmjax.checkpoints.orbax_io import config_to_json
 from glmjax.models import create_model, flat_params, preset
-from glmjax.training import checkpointing
-from glmjax.training.checkpointing import Checkpointer, array_digests, load_trained_model
+from glmjax.checkpoints import step_checkpoints
+from glmjax.checkpoints.training_runs import load_trained_model
+from glmjax.checkpoints.step_checkpoints import array_digests
+from glmjax.training.checkpointing import Checkpointer
 from glmjax.training.state import TrainState
 
 
@@ -103,8 +105,8 @@ def test_save_hands_orbax_the_states_own_arrays(tmp_path, monkeypatch):
     state = _state(3)
     checkpointer.save(state, step=3)
     checkpointer.close()
-    handed = checkpointing._leaves_by_path(received[0]["state"].item)
-    originals = checkpointing._leaves_by_path(state)
+    handed = step_checkpoints.leaves_by_path(received[0]["state"].item)
+    originals = step_checkpoints.leaves_by_path(state)
     assert sorted(handed) == sorted(originals) and len(handed) == 10
     assert all(handed[path] is leaf for path, leaf in originals.items())
 
@@ -116,7 +118,7 @@ def test_url_directory_is_never_made_local(monkeypatch, tmp_path):
         def __init__(self, directory, **kwargs):
             received.append(directory)
 
-    monkeypatch.setattr(checkpointing.ocp, "CheckpointManager", Recorder)
+    monkeypatch.setattr(step_checkpoints.ocp, "CheckpointManager", Recorder)
     Checkpointer("gs://bucket/run/checkpoints")
     assert str(received[0]) == "gs://bucket/run/checkpoints"
     monkeypatch.chdir(tmp_path)

@@ -10,6 +10,7 @@ from glmjax.data.tokenizer import (
     build_default_tokenizer,
     default_tokenizer,
     load_tokenizer,
+    save_tokenizer,
 )
 
 
@@ -52,10 +53,15 @@ def test_load_missing_directory_names_it(tmp_path):
         load_tokenizer(tmp_path / "nope")
 
 
-def test_load_rejects_tokenizer_without_glm_tokens(tmp_path):
+def test_any_tokenizer_loads_and_pads_with_its_eos(tmp_path):
+    """A tokenizer without the GLM-4 tokens (Qwen's, say) loads; the chat format decides later
+    whether it can render chats."""
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.add_tokens(["<|endoftext|>"])
-    PreTrainedTokenizerFast(tokenizer_object=raw).save_pretrained(str(tmp_path))
-    with pytest.raises(TokenizerError, match=r"lacks the GLM-4 special tokens \['\[gMASK\]'"):
-        load_tokenizer(tmp_path)
+    raw.add_special_tokens(["<|im_end|>"])
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>").save_pretrained(str(tmp_path / "t"))
+    tokenizer = load_tokenizer(tmp_path / "t")
+    assert tokenizer.pad_token == "<|im_end|>"
+    save_tokenizer(tokenizer, tmp_path / "copy" / "tokenizer")
+    again = load_tokenizer(tmp_path / "copy" / "tokenizer")
+    assert again.convert_tokens_to_ids("<|im_end|>") == tokenizer.convert_tokens_to_ids("<|im_end|>")

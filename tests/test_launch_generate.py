@@ -1,4 +1,5 @@
-"""launch/generate.py: batch JSONL mode end to end, resumption, malformed rows, CLI, interactive chat."""
+"""Batch generation (glmjax.inference.batch_runner) end to end, resumption, malformed rows, never
+losing input; the launch.generate CLI; the terminal chat."""
 
 import io
 import json
@@ -14,14 +15,15 @@ from flax import nnx
 import glmjax
 from glmjax.checkpoints.orbax_io import save_model
 from glmjax.flops import count_params
-from glmjax.data.tokenizer import default_tokenizer
+from glmjax.data.tokenizer import default_tokenizer, save_tokenizer
 from glmjax.inference.engine import GenerationEngine
 from glmjax.inference.sampling import SamplingConfig
 from glmjax.models import create_model, preset
 from glmjax.training.checkpointing import Checkpointer
 from glmjax.training.run_config import record_run_config
 from glmjax.training.state import fresh_train_state
-from launch import generate
+from glmjax.data.chat_template import stop_token_ids
+from glmjax.inference import batch_runner, terminal_chat
 from test_inference_chat import ScriptedEngine
 
 MAX_NEW = 6
@@ -57,9 +59,9 @@ def _rows(path):
 def _run(setup, input_path, output_path, on_error="skip"):
     tokenizer, _, _, engine = setup
     report = io.StringIO()
-    counts = generate.run_batch(engine, tokenizer, str(input_path), str(output_path), sampling=SAMPLING,
-                                max_new_tokens=MAX_NEW, batch_size=2, seed=11, on_error=on_error,
-                                report=report)
+    counts = batch_runner.run_batch(engine, tokenizer, str(input_path), str(output_path), sampling=SAMPLING,
+                                    max_new_tokens=MAX_NEW, batch_size=2, seed=11, on_error=on_error,
+                                    report=report)
     return counts, report.getvalue()
 
 
@@ -86,7 +88,7 @@ def test_batch_mode_rows_and_malformed_lines(setup, tmp_path):
     rows = _rows(tmp_path / "out.jsonl")
     assert [r["index"] for r in rows] == [0, 1, 4, 8, 9]
     assert [r["id"] for r in rows] == ["a", 1, 4, 7, 9]
-    stops = set(generate.stop_token_ids(tokenizer))
+    stops = set(stop_token_ids(tokenizer))
     for row in rows:
         assert set(row) == {"index", "id", "text", "output_ids", "logprobs", "finish_reason"}
         assert len(row["output_ids"]) == len(row["logprobs"]) <= MAX_NEW
@@ -97,9 +99,50 @@ def test_batch_mode_rows_and_malformed_lines(setup, tmp_path):
         assert row["text"] == tokenizer.decode(body, skip_special_tokens=False)
 
 
+def test_undecodable_rows_are_malformed_rows_with_their_line(setup, tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"".join([
+        json.dumps(GOOD_ROWS[2]).encode() + b"\n",
+        b'{"prompt": "caf\xe9"}\n',                          # latin-1, not UTF-8
+        b'{"prompt": "lone \\ud800 surrogate"}\n',            # valid JSON, not valid Unicode
+        json.dumps(GOOD_ROWS[0]).encode() + b"\n",
+    ]))
+    counts, report = _run(setup, path, tmp_path / "out.jsonl")
+    assert counts == {"written": 2, "already_done": 0, "malformed": 2}
+    assert f"{path}:2: not UTF-8" in report and f"{path}:3: contains an unpaired surrogate" in report
+    assert [r["index"] for r in _rows(tmp_path / "out.jsonl")] == [0, 3]
+
+
+def test_output_that_is_not_ours_is_refused_and_untouched(setup, tmp_path):
+    source = tmp_path / "in.jsonl"
+    _write_lines(source, [json.dumps(r) for r in GOOD_ROWS])
+    source.write_bytes(source.read_bytes() + b'{"prompt": "unterminated')  # no newline at the end
+    before = source.read_bytes()
+    with pytest.raises(batch_runner.OutputFileError, match="the output is the input file"):
+        _run(setup, source, source)
+    other = tmp_path / "notes.jsonl"
+    other.write_bytes(before)
+    with pytest.raises(batch_runner.OutputFileError, match=r"notes.jsonl:1: not an output row"):
+        _run(setup, source, other)
+    assert source.read_bytes() == before and other.read_bytes() == before
+
+
+def test_token_rows_need_no_tokenizer(setup, tmp_path):
+    _, _, _, engine = setup
+    _write_lines(tmp_path / "in.jsonl", [json.dumps(GOOD_ROWS[2]), json.dumps(GOOD_ROWS[0])])
+    report = io.StringIO()
+    counts = batch_runner.run_batch(engine, None, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"),
+                                    sampling=SAMPLING, max_new_tokens=MAX_NEW, batch_size=2, seed=11,
+                                    on_error="skip", report=report)
+    assert counts == {"written": 1, "already_done": 0, "malformed": 1}
+    assert "in.jsonl:2: field 'prompt' needs a tokenizer" in report.getvalue()
+    (row,) = _rows(tmp_path / "out.jsonl")
+    assert row["text"] is None and len(row["output_ids"]) >= 1
+
+
 def test_on_error_stop_names_the_line(setup, tmp_path):
     _write_lines(tmp_path / "in.jsonl", [json.dumps(r) for r in GOOD_ROWS[:2]] + ['{"prompt": 3}'])
-    with pytest.raises(generate.RowError, match=r"in.jsonl:3: field 'prompt' must be a non-empty string"):
+    with pytest.raises(batch_runner.RowError, match=r"in.jsonl:3: field 'prompt' must be a non-empty string"):
         _run(setup, tmp_path / "in.jsonl", tmp_path / "out.jsonl", on_error="stop")
     assert [r["index"] for r in _rows(tmp_path / "out.jsonl")] == [0, 1]  # the batch before it
 
@@ -136,11 +179,13 @@ def test_cli_with_orbax_checkpoint_or_training_run(setup, tmp_path, source):
         checkpointer = Checkpointer(str(tmp_path / "run" / "checkpoints"))
         checkpointer.save(fresh_train_state(model.config, optax.adamw(1e-3), 0, params), step=3)
         checkpointer.close()
+        save_tokenizer(setup[0], tmp_path / "run" / "tokenizer")  # train.tokenizer records it
         model_flags = [f"--run_dir={tmp_path / 'run'}"]
     _write_lines(tmp_path / "in.jsonl", [json.dumps(r) for r in GOOD_ROWS[:3]] + ["[]"])
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    tokenizer_flags = [f"--tokenizer_dir={tokenizer_dir}"] if source == "orbax" else []
     command = [sys.executable, "-m", "launch.generate", *model_flags,
-               f"--tokenizer_dir={tokenizer_dir}", f"--input={tmp_path / 'in.jsonl'}",
+               *tokenizer_flags, f"--input={tmp_path / 'in.jsonl'}",
                f"--output={tmp_path / 'out.jsonl'}", f"--max_new_tokens={MAX_NEW}", "--batch_size=4"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(glmjax.__file__)))
@@ -151,9 +196,18 @@ def test_cli_with_orbax_checkpoint_or_training_run(setup, tmp_path, source):
     assert [r["index"] for r in _rows(tmp_path / "out.jsonl")] == [0, 1, 2]
     # The parameters arrived intact: greedy ids equal those of the in-process model.
     tokenizer, _, _, engine = setup
-    generate.run_batch(engine, tokenizer, str(tmp_path / "in.jsonl"), str(tmp_path / "local.jsonl"),
-                       sampling=SamplingConfig(), max_new_tokens=MAX_NEW, batch_size=4, seed=0,
-                       on_error="skip", report=io.StringIO())
+    batch_runner.run_batch(engine, tokenizer, str(tmp_path / "in.jsonl"), str(tmp_path / "local.jsonl"),
+                           sampling=SamplingConfig(), max_new_tokens=MAX_NEW, batch_size=4, seed=0,
+                           on_error="skip", report=io.StringIO())
+    if source == "run":  # the recorded tokenizer also serves an interactive chat; stdout is the chat
+        chat = subprocess.run([sys.executable, "-m", "launch.generate", *model_flags, "--interactive",
+                               "--max_new_tokens=4"], input="hello\n/exit\n", capture_output=True,
+                              text=True, env=env, timeout=300,
+                              cwd=os.path.dirname(os.path.dirname(glmjax.__file__)))
+        assert chat.returncode == 0, chat.stderr[-2000:]
+        lines = chat.stdout.splitlines()
+        assert lines[0] == "Chat: /reset starts over, /exit quits." and lines[1].startswith("user> ")
+        assert all(line.startswith(("user> ", "assistant> ", "[")) for line in lines[1:]), lines
     assert ([r["output_ids"] for r in _rows(tmp_path / "out.jsonl")]
             == [r["output_ids"] for r in _rows(tmp_path / "local.jsonl")])
 
@@ -162,7 +216,7 @@ def test_interactive_tool_calling_run(setup):
     tokenizer = setup[0]
     engine = ScriptedEngine(tokenizer, ['python\n{"code": "print(6 * 7)"}', "\n6 * 7 = 42."])
     stdout = io.StringIO()
-    generate.run_interactive(engine, tokenizer, sampling=None, tools=["python"], system=None,
+    terminal_chat.run_interactive(engine, tokenizer, sampling=None, tools=["python"], system=None,
                              max_turns=4, stdin=io.StringIO("What is 6 * 7?\n/exit\n"), stdout=stdout)
     lines = stdout.getvalue().splitlines()
     assert 'user> [tool call] python {"code": "print(6 * 7)"}' in lines

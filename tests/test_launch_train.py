@@ -89,6 +89,7 @@ def test_run_writes_metrics_config_and_summary(uninterrupted):
     assert "TRAIN_STEPS = 8" in config and "preset.hidden_size = 64" in config
     assert os.listdir(model_dir / "tensorboard")
     assert sorted(os.listdir(model_dir / "checkpoints")) == ["3", "6", "8"]
+    assert (model_dir / "tokenizer" / "tokenizer.json").is_file()  # train.tokenizer: generation finds it
 
 
 def test_resume_after_kill_matches_uninterrupted(uninterrupted):

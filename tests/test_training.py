@@ -199,7 +199,7 @@ def test_nonfinite_updates_can_be_skipped_and_counted(tmp_path, data_factory):
     assert result.skipped_updates == 2 and result.step == 4
     assert [r["skipped_updates"] for r in metric_rows(model_dir)] == [0, 0, 1, 2]
     # Steps 3 and 4 were skipped: the parameters are the ones after step 2, and finite.
-    from glmjax.training.checkpointing import load_trained_model
+    from glmjax.checkpoints.training_runs import load_trained_model
 
     model = load_trained_model(str(model_dir))
     assert np.isfinite(np.asarray(model.embedding[...])).all()

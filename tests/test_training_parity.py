@@ -27,7 +27,7 @@ from numpy.typing import ArrayLike
 
 import glmjax
 from glmjax.models import create_model, flat_params, preset
-from glmjax.training.checkpointing import load_trained_model
+from glmjax.checkpoints.training_runs import load_trained_model
 from glmjax.training.optimizer import learning_rate_schedule, weight_decay_mask
 from glmjax.training.trainer import train
 from torch_reference import AdamWSettings, train_reference

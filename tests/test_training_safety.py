@@ -2,14 +2,12 @@
 paths stay URLs, stop requests off the main thread and across processes, the precision policy,
 per-document averaging, and the metrics.jsonl / TensorBoard contract."""
 
-import io
 import json
 import os
 import shutil
 import struct
 import threading
 
-import gin
 import grain
 import jax
 import jax.numpy as jnp
@@ -169,7 +167,7 @@ def test_pure_bf16_parameters_need_an_explicit_moment_dtype():
 
 
 def test_bf16_compute_keeps_fp32_master_weights(tmp_path):
-    from glmjax.training.checkpointing import load_trained_model
+    from glmjax.checkpoints.training_runs import load_trained_model
 
     _run(tmp_path / "run", steps=1, config=CONFIG.replace(compute_dtype="bfloat16"))
     from flax import nnx

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from etils import epath
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -27,38 +28,54 @@ _CORPUS_SEED = 20240605
 
 
 class TokenizerError(ValueError):
-    """A tokenizer directory that cannot be used (missing files or GLM-4 special tokens)."""
-
-
-def check_special_tokens(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
-    """Raises :class:`TokenizerError` naming ``where`` unless every GLM-4 special token is one token."""
-    missing = [
-        token
-        for token in SPECIAL_TOKENS
-        if tokenizer.encode(token, add_special_tokens=False)
-        != [tokenizer.convert_tokens_to_ids(token)]
-    ]
-    if missing:
-        raise TokenizerError(f"{where}: the tokenizer lacks the GLM-4 special tokens {missing}")
+    """A tokenizer directory that cannot be used (the message names it)."""
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """Loads a fast Hugging Face tokenizer from a local directory (never the hub).
+    """Loads a fast Hugging Face tokenizer from a directory (local or a URL; never the hub).
 
     The directory must hold ``tokenizer.json`` (and usually ``tokenizer_config.json``), as written by
-    ``save_pretrained``. The tokenizer must know every GLM-4 special token.
+    ``save_pretrained``. Any model's tokenizer loads; what a chat needs from it (a chat template or
+    known special tokens) is checked by ``glmjax.data.chat_format``. A tokenizer without a pad
+    token pads with its eos token.
 
     Raises:
       TokenizerError: naming the directory, when it is missing or unusable.
     """
-    path = Path(path)
+    source = epath.Path(path)
+    if "://" in str(path):
+        with tempfile.TemporaryDirectory(prefix="glmjax-tokenizer-") as local:
+            _copy_tree(source, epath.Path(local))
+            return _load_local(Path(local), str(path))
+    return _load_local(Path(path), str(path))
+
+
+def _load_local(path: Path, where: str) -> PreTrainedTokenizerBase:
     if not (path / "tokenizer.json").is_file():
-        raise TokenizerError(f"{path}: no tokenizer.json (expected a saved Hugging Face tokenizer)")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    check_special_tokens(tokenizer, str(path))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = EOS
+        raise TokenizerError(f"{where}: no tokenizer.json (expected a saved Hugging Face tokenizer)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise TokenizerError(f"{where}: not a usable tokenizer ({str(err).splitlines()[0]})") from err
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike) -> None:
+    """Writes ``tokenizer`` with ``save_pretrained`` into ``directory`` (local or a URL)."""
+    with tempfile.TemporaryDirectory(prefix="glmjax-tokenizer-") as local:
+        tokenizer.save_pretrained(local)
+        _copy_tree(epath.Path(local), epath.Path(directory))
+
+
+def _copy_tree(source: epath.Path, target: epath.Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.is_dir():
+            _copy_tree(item, target / item.name)
+        else:
+            (target / item.name).write_bytes(item.read_bytes())
 
 
 def _training_corpus() -> list[str]:

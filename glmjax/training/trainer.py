@@ -18,12 +18,15 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
+from transformers import PreTrainedTokenizerBase
 
 from glmjax import flops, hardware
 from glmjax import sharding as sharding_lib
+from glmjax.checkpoints.training_runs import TOKENIZER_DIR
 from glmjax.data.global_batch import make_global_batch
 from glmjax.data.pipeline import dropped_examples as iterator_dropped_examples
 from glmjax.data.spec import BatchSpec, BatchSpecError
+from glmjax.data.tokenizer import save_tokenizer
 from glmjax.models.config import ModelConfig
 from glmjax.models.decoder import Decoder
 from glmjax.objectives.base import (
@@ -212,6 +215,7 @@ def train(
     peak_flops_per_device: float | None = None,
     skip_nonfinite_updates: int | None = None,
     preemption_sync_every: int = 10,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     compile_only: bool = False,
     topology: str | None = None,
     stop_event: threading.Event | None = None,
@@ -236,6 +240,8 @@ def train(
       skip_nonfinite_updates: None stops the run at a non-finite loss or gradient; N skips such
         updates (``optax.apply_if_finite``, counted as ``skipped_updates``) and stops after N in a row.
       preemption_sync_every: multi-process runs agree on stop requests every this many steps.
+      tokenizer: the run's tokenizer, saved into ``MODEL_DIR/tokenizer`` at the first save, so
+        generation and serving from the run find it (``glmjax.checkpoints.training_runs``).
       compile_only: compile the step for the configured model and mesh, report memory per
         device, and return without training.
       topology: with ``compile_only``, a TPU topology name (e.g. "v5p:2x2x1") to compile for
@@ -314,6 +320,7 @@ def train(
         eval_batches=eval_batches, evaluators=evaluators, seed=seed,
         peak=peak_flops_per_device or hardware.peak_flops(mesh),
         stop=StopRequest(preemption_sync_every, stop_event), config_recorded=config_recorded,
+        tokenizer=tokenizer,
     )
     result = loop.run()
     _write_text(model_dir_path / "config.gin", gin.operative_config_str())
@@ -334,7 +341,7 @@ class _Loop:
 
     def __init__(self, *, model_dir, model_config, mesh, graphdef, objective, batches, state, frozen,
                  jitted_step, checkpointer, schedule, train_steps, log_every, checkpoint_every, eval_every,
-                 eval_data, eval_batches, evaluators, seed, peak, stop, config_recorded):
+                 eval_data, eval_batches, evaluators, seed, peak, stop, config_recorded, tokenizer):
         self.model_dir, self.config, self.mesh, self.graphdef = model_dir, model_config, mesh, graphdef
         self.objective, self.batches, self.state, self.frozen = objective, batches, state, frozen
         self.jitted_step, self.checkpointer, self.schedule = jitted_step, checkpointer, schedule
@@ -345,6 +352,7 @@ class _Loop:
         self.pending: list[tuple[int, dict[str, jax.Array]]] = []
         self.running: dict[str, Mean] | None = None
         self.config_recorded = config_recorded
+        self.tokenizer = tokenizer
         self.skipped_total = 0
         self.dropped_total = 0
 
@@ -397,6 +405,8 @@ class _Loop:
         self._check_finite()
         if not self.config_recorded:
             record_run_config(self.model_dir, self.config)
+            if self.tokenizer is not None and jax.process_index() == 0:
+                save_tokenizer(self.tokenizer, self.model_dir / TOKENIZER_DIR)
             self.config_recorded = True
         self.checkpointer.save(self.state, step=step, host_states=self.batches.host_states)
 
