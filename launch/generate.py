@@ -11,8 +11,9 @@ with seed ``--seed + index``, a malformed row is reported as ``file:line: proble
 (``--on_error=skip``) or ends the run (``--on_error=stop``), and a file that is not this runner's
 output is never modified.
 
-Interactive mode (``--interactive``): a chat on the terminal; ``--tools=python`` offers the
-sandboxed Python interpreter. Commands: ``/reset`` (new conversation), ``/exit``.
+Interactive mode (``--interactive``): a chat on the terminal in the tokenizer's chat format;
+``--tools=python,simple_browser`` offers GLM-4's All Tools (the sandboxed interpreter, and a browser
+over a local BM25 index of ``--documents``). Commands: ``/reset`` (new conversation), ``/exit``.
 
 The model comes from ``--hf_dir`` (safetensors + config.json), ``--orbax_dir`` (a glmjax model
 checkpoint: orbax parameters + model_config.json) or ``--run_dir`` (a training run's MODEL_DIR: its
@@ -47,7 +48,7 @@ from glmjax.checkpoints import CheckpointError, from_pretrained
 from glmjax.checkpoints.hf_config import config_from_hf, read_hf_config
 from glmjax.checkpoints.orbax_io import load_model, read_model_config
 from glmjax.checkpoints.training_runs import load_trained_model, run_tokenizer_dir
-from glmjax.data.chat_template import ChatFormatError
+from glmjax.data.chat_format import ChatFormatError
 from glmjax.data.tokenizer import TokenizerError, load_tokenizer
 from glmjax.inference.batch_runner import OutputFileError, RowError, completed_indices, run_batch
 from glmjax.inference.engine import GenerationEngine
@@ -80,7 +81,8 @@ _MIN_P = flags.DEFINE_float("min_p", 0.0, "Min-p filter (0 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Base seed; row i uses seed + i.")
 _INTERACTIVE = flags.DEFINE_bool("interactive", False, "Chat on the terminal instead of batch mode.")
 _SYSTEM = flags.DEFINE_string("system", None, "System prompt (interactive mode).")
-_TOOLS = flags.DEFINE_list("tools", [], "Tools offered in interactive mode: python.")
+_TOOLS = flags.DEFINE_list("tools", [], "GLM-4 All Tools offered in interactive mode: python, simple_browser.")
+_DOCUMENTS = flags.DEFINE_list("documents", [], "Files and directories simple_browser searches (a local BM25 index).")
 _MAX_TURNS = flags.DEFINE_integer("max_turns", 8, "Assistant turns per user message (interactive).")
 _ATTENTION_BACKEND = flags.DEFINE_enum(
     "attention_backend", None, ["xla", "blockwise", "fused", "splash", "sample"],
@@ -183,7 +185,7 @@ def _run() -> int:
         params = SamplingParams(max_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
                                 top_p=_TOP_P.value, top_k=_TOP_K.value, min_p=_MIN_P.value, seed=_SEED.value)
         run_interactive(engine, tokenizer, sampling=params, tools=_TOOLS.value, system=_SYSTEM.value,
-                        max_turns=_MAX_TURNS.value)
+                        max_turns=_MAX_TURNS.value, documents=_DOCUMENTS.value)
         return 0
     counts = run_batch(engine, tokenizer, _INPUT.value, _OUTPUT.value, sampling=sampling,
                        max_new_tokens=_MAX_NEW_TOKENS.value, batch_size=_BATCH_SIZE.value,

@@ -48,7 +48,7 @@ def _segments(batch):
 
 def test_chat_batch_contract(tokenizer, chat_file):
     solutions = {
-        f"\n{p.solution}<|endoftext|>" for p in generate_problems(64, seed=0, split="train")
+        f"\n{p.solution}<|user|>" for p in generate_problems(64, seed=0, split="train")
     }
     batches = _take(
         make_lm_dataset(
@@ -339,3 +339,15 @@ def test_make_global_batch_shards_over_the_mesh(tokenizer, chat_file):
     assert {s.data.shape for s in arrays["inputs"].addressable_shards} == {(1, 64)}
     single = make_global_batch(batch, by_data)
     assert single["positions"].sharding == by_data
+
+
+def test_text_documents_use_the_tokenizers_own_affixes(tmp_path):
+    """GLM-4 tokenizers frame a document as [gMASK]<sop> ... <|endoftext|>; others with their bos
+    (if any) and eos, e.g. Qwen's text<|endoftext|>."""
+    from chat_tokenizers import qwen_tokenizer
+
+    from glmjax.data.encoders import TextEncoder
+
+    qwen = qwen_tokenizer(tmp_path / "qwen")
+    ids = TextEncoder(qwen)({"text": "hello"})["input_ids"].tolist()
+    assert ids == [*qwen.encode("hello", add_special_tokens=False), qwen.eos_token_id]

@@ -94,7 +94,7 @@ def test_text_and_chat_datasets(data_dir, tokenizer):
     for batch in ds:
         batch_spec_of(ds).check(batch)
         answers.add(tokenizer.decode(batch["targets"][0][batch["loss_mask"][0] == 1].tolist()))
-    assert answers == {f"\nanswer {i}<|endoftext|>" for i in range(NUM_RECORDS)}
+    assert answers == {f"\nanswer {i}<|user|>" for i in range(NUM_RECORDS)}
     assert "tensorflow" not in sys.modules
 
 

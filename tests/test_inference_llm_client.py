@@ -6,6 +6,7 @@ import time
 import pytest
 from fake_openai_server import Behaviour, FakeOpenAIServer
 
+from glmjax.data.chat_format import Reply, ToolCall
 from glmjax.inference.llm_client import (
     AssistantTurn,
     LLMClient,
@@ -202,10 +203,14 @@ def test_assistant_turns_requests_and_replies(server):
     ]
     turns = fast_client(server, max_concurrency=1).assistant_turns(
         conversations, SamplingParams(max_tokens=9, stop=["END"]), tools=[ADD_SPEC, ADD_SPEC["function"]])
-    # Only the first of several calls is taken (one call per turn, as GLM-4 makes them).
-    assert turns == [AssistantTurn("\nhello", [], [], "stop"),
-                     AssistantTurn('add\n{"a": 1, "b": 2}', [], [], "stop"),
-                     AssistantTurn('add\n{"a": 5}', [], [], "stop")]
+    # Every call of a message is kept, with its id and the content next to it.
+    assert turns == [
+        AssistantTurn("hello", [], [], "stop", Reply("hello")),
+        AssistantTurn("Let me add.", [], [], "stop", Reply("Let me add.", [
+            ToolCall("add", {"a": 1, "b": 2}, "server_call_0"),
+            ToolCall("add", {"a": 3, "b": 4}, "server_call_1")])),
+        AssistantTurn("", [], [], "stop", Reply("", [ToolCall("add", {"a": 5})])),
+    ]
     bodies = [request.body for request in server.requests]
     assert all(body["tools"] == [ADD_SPEC, ADD_SPEC] for body in bodies)
     assert bodies[0]["messages"] == MESSAGES
@@ -227,9 +232,11 @@ def test_assistant_turns_finish_reasons_and_bad_arguments(server):
                   Behaviour.answer("done", finish_reason="eos"),
                   Behaviour.tool_calls(("add", '{"a": 1,')))
     turns = fast_client(server, max_concurrency=1).assistant_turns([MESSAGES] * 3)
-    # Broken arguments are model output: passed on verbatim for the chat loop to reject.
-    assert [(t.text, t.finish_reason) for t in turns] == [
-        ("\ncut", "length"), ("\ndone", "stop"), ('add\n{"a": 1,', "stop")]
+    assert [(t.text, t.finish_reason, t.error) for t in turns[:2]] == [
+        ("cut", "length", None), ("done", "stop", None)]
+    # Broken arguments are model output: the turn says so, for the chat loop to report.
+    assert turns[2].reply == Reply("") and turns[2].error.startswith(
+        "tool_calls[0]: field 'arguments' is not valid JSON")
 
 
 @pytest.mark.parametrize("message, error", [
@@ -239,7 +246,7 @@ def test_assistant_turns_finish_reasons_and_bad_arguments(server):
 ])
 def test_assistant_turns_malformed_replies_are_retried(server, message, error):
     server.script(Behaviour(message=message))
-    assert fast_client(server).assistant_turns([MESSAGES])[0].text == "\necho: hi"
+    assert fast_client(server).assistant_turns([MESSAGES])[0].reply == Reply("echo: hi")
     server.script(*[Behaviour(message=message)] * 6)  # Three attempts for each conversation.
     with pytest.raises(LLMResponseError, match=f"{error}.*after 3 attempts") as info:
         fast_client(server).assistant_turns([MESSAGES] * 2, tools=[ADD_SPEC])
@@ -259,3 +266,35 @@ def test_assistant_turns_rejects_unconvertible_conversations(server):
     with pytest.raises(LLMClientError, match=r"tool_calls\[0\]: field 'arguments' must be a JSON object"):
         fast_client(server).assistant_turns([bad_arguments])
     assert len(server.requests) == 1  # Only the first conversation of the first batch was sent.
+
+
+def test_openai_messages_answer_calls_by_id_and_convert_glm4_native_calls(server):
+    server.script(Behaviour.answer("ok"))
+    conversation = [
+        {"role": "user", "content": "?"},
+        {"role": "assistant", "tool_calls": [
+            {"id": "a", "function": {"name": "f", "arguments": {}}},
+            {"id": "b", "function": {"name": "g", "arguments": {"x": 1}}}]},
+        {"role": "tool", "tool_call_id": "b", "content": "from g"},
+        {"role": "tool", "content": "from f"},
+        {"role": "assistant", "metadata": "python", "content": "```python\nprint(1)\n```"},
+        {"role": "observation", "content": "1"},
+    ]
+    fast_client(server).assistant_turns([conversation])
+    sent = server.requests[0].body["messages"]
+    assert sent[2:4] == [{"role": "tool", "tool_call_id": "b", "content": "from g"},
+                         {"role": "tool", "tool_call_id": "a", "content": "from f"}]
+    assert sent[4:] == [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_2", "type": "function", "function": {
+            "name": "python", "arguments": '{"code": "print(1)"}'}}]},
+        {"role": "tool", "tool_call_id": "call_2", "content": "1"},
+    ]
+
+
+def test_builtin_tool_specs_are_sent_as_functions(server):
+    server.script(Behaviour.answer("ok"))
+    python = {"type": "python", "function": {"name": "python", "description": "run", "parameters": {}}}
+    fast_client(server).assistant_turns([MESSAGES], tools=[python])
+    assert server.requests[0].body["tools"] == [{"type": "function", "function": python["function"]}]
+    with pytest.raises(LLMClientError, match="tools\\[0\\]: a tool needs a function object"):
+        fast_client(server).assistant_turns([MESSAGES], tools=[{"type": "cogview"}])

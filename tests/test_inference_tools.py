@@ -125,3 +125,13 @@ def test_additional_properties_allowed_when_declared():
                       parameters={"type": "object", "properties": {"a": {"type": "integer"}},
                                   "additionalProperties": True})
     assert registry.call("collect", {"a": 1, "b": 2}) == '["a", "b"]'
+
+
+def test_glm4_all_tools_names_are_builtins_and_cogview_is_refused():
+    registry = ToolRegistry()
+    registry.register(lambda code: code, name="python", description="Runs Python.",
+                      parameters={"type": "object", "properties": {"code": {"type": "string"}}})
+    assert registry.spec("python").kind == "python"
+    assert registry.specs()[0]["type"] == "python" and registry.specs()[0]["function"]["name"] == "python"
+    with pytest.raises(ValueError, match="cogview \\(image generation\\) is not available: glmjax serves no image"):
+        registry.register(lambda prompt: prompt, name="cogview")

@@ -1,7 +1,10 @@
 """Data: GLM-4 chat format, tokenizers, record sources, grain LM pipelines, and the synthetic task.
 
 Modules:
-  chat_template: render / tokenize GLM-4 conversations, parse model replies.
+  chat_format: chat formats from a tokenizer's chat template (prompts, training encodings with
+    loss masks, content kept from becoming control tokens, tool-call parsing).
+  templates: the published GLM-4 and Qwen2.5 chat templates, and our ChatML template.
+  chat_template: GLM-4 special tokens and tokenizer-level shortcuts (encode_chat, stop_token_ids).
   tokenizer: load a local Hugging Face tokenizer, or build the embedded default one.
   sources: JSONL and array_record random-access sources.
   tfds_source: TFDS datasets (array_record file format) as random-access sources, without TF.
@@ -12,14 +15,20 @@ Modules:
   synthetic: the default task (self-checking multi-step arithmetic) and its exact-match scorer.
 """
 
+from glmjax.data.chat_format import (
+    ChatEncoding,
+    ChatFormat,
+    ChatFormatError,
+    Reply,
+    ToolCall,
+    chat_format_for,
+    tool_message,
+)
 from glmjax.data.chat_template import (
     EOS,
     SPECIAL_TOKENS,
     STOP_TOKENS,
-    ChatEncoding,
-    ChatFormatError,
     encode_chat,
-    parse_assistant_output,
     render_messages,
     stop_token_ids,
 )
@@ -75,6 +84,7 @@ __all__ = [
     "BatchSpec",
     "ChatEncoder",
     "ChatEncoding",
+    "ChatFormat",
     "ChatFormatError",
     "DataFormatError",
     "EmptyDatasetError",
@@ -84,13 +94,16 @@ __all__ = [
     "JsonlSource",
     "Problem",
     "RecordField",
+    "Reply",
     "TextEncoder",
     "TfdsSource",
     "TokenEncoder",
     "TokenRecordSource",
     "TokenizerError",
+    "ToolCall",
     "batch_spec_of",
     "build_default_tokenizer",
+    "chat_format_for",
     "default_tokenizer",
     "dropped_examples",
     "encode_chat",
@@ -103,9 +116,9 @@ __all__ = [
     "load_tokenizer",
     "make_global_batch",
     "make_lm_dataset",
-    "parse_assistant_output",
     "render_messages",
     "stop_token_ids",
+    "tool_message",
     "write_arithmetic_jsonl",
     "with_batch_spec",
     "write_token_records",

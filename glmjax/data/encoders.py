@@ -1,9 +1,11 @@
 """Record encoders: one data record in, ``{"input_ids", "loss_mask"}`` (int32 ``[n]`` each) out.
 
-* :class:`TextEncoder`: ``{"text": str}`` -> ``[gMASK] <sop> text <|endoftext|>``, loss on every token.
-* :class:`ChatEncoder`: ``{"messages": [...], "tools": [...]?}`` -> the GLM-4 chat rendering with
-  ``<|endoftext|>`` after a final assistant turn, loss on assistant turns only
-  (:func:`glmjax.data.chat_template.encode_chat`).
+* :class:`TextEncoder`: ``{"text": str}`` -> ``[gMASK] <sop> text <|endoftext|>`` for tokenizers with
+  the GLM-4 special tokens, else ``{bos} text {eos}`` (Qwen: ``text <|endoftext|>``); loss on every token.
+* :class:`ChatEncoder`: ``{"messages": [...], "tools": [...]?}`` -> the tokenizer's chat format
+  (:func:`glmjax.data.chat_format.chat_format_for`: its chat template, else the GLM-4 or ChatML
+  layout), loss on the tokens of assistant turns and the token that ends each one only
+  (:meth:`glmjax.data.chat_format.ChatFormat.encode`).
 * :class:`TokenEncoder`: ``{"input_ids": int32 [n]}`` (a :class:`~glmjax.data.sources.TokenRecordSource`
   record) -> the same ids, loss on every token.
 * :class:`FeatureEncoder`: any of those plus record fields copied into the example as numpy arrays
@@ -29,7 +31,8 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from glmjax.data.chat_template import EOS, GMASK, SOP, encode_chat
+from glmjax.data.chat_format import chat_format_for
+from glmjax.data.chat_template import EOS, GMASK, SOP
 
 Example = dict[str, np.ndarray]
 
@@ -43,16 +46,38 @@ def _settle(tokenizer: PreTrainedTokenizerBase) -> None:
     tokenizer.encode("", add_special_tokens=False)
 
 
+def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or tokenizer.encode(token, add_special_tokens=False) != [token_id]:
+        return None
+    return token_id
+
+
+def document_affixes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], int]:
+    """(ids before a document, the id after it): GLM-4's ``[gMASK]<sop>`` ... ``<|endoftext|>``
+    when the tokenizer has those tokens, else its own bos (if any) ... eos.
+
+    Raises:
+      ValueError: the tokenizer has neither the GLM-4 tokens nor an eos token.
+    """
+    glm = [_single_token_id(tokenizer, token) for token in (GMASK, SOP, EOS)]
+    if None not in glm:
+        return glm[:2], glm[2]
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token (nor GLM-4's <|endoftext|>) to end documents with")
+    prefix = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return prefix, tokenizer.eos_token_id
+
+
 class TextEncoder:
-    """Plain text documents; ``field`` holds the text."""
+    """Plain text documents; ``field`` holds the text (affixes: ``document_affixes``)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, field: str = "text"):
         self.tokenizer = tokenizer
         self.field = field
         self.required_fields = (field,)
         _settle(tokenizer)
-        self._prefix = tokenizer.convert_tokens_to_ids([GMASK, SOP])
-        self._eos = tokenizer.convert_tokens_to_ids(EOS)
+        self._prefix, self._eos = document_affixes(tokenizer)
 
     def __call__(self, record: Mapping[str, Any]) -> Example:
         text = record[self.field]
@@ -63,7 +88,11 @@ class TextEncoder:
 
 
 class ChatEncoder:
-    """Chat conversations; ``field`` holds the messages, optional ``tools_field`` the tool specs."""
+    """Chat conversations; ``field`` holds the messages, optional ``tools_field`` the tool specs.
+
+    Raises (at construction):
+      ChatFormatError: the tokenizer has no chat format (no template, no GLM-4 or ChatML tokens).
+    """
 
     def __init__(
         self,
@@ -76,11 +105,10 @@ class ChatEncoder:
         self.tools_field = tools_field
         self.required_fields = (field,)
         _settle(tokenizer)
+        self.chat_format = chat_format_for(tokenizer)
 
     def __call__(self, record: Mapping[str, Any]) -> Example:
-        encoding = encode_chat(
-            self.tokenizer, record[self.field], tools=record.get(self.tools_field)
-        )
+        encoding = self.chat_format.encode(record[self.field], record.get(self.tools_field))
         return {"input_ids": encoding.input_ids, "loss_mask": encoding.loss_mask}
 
 

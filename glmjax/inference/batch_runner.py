@@ -34,7 +34,7 @@ from typing import Any, Literal, TextIO
 import jax
 from transformers import PreTrainedTokenizerBase
 
-from glmjax.data.chat_template import ChatFormatError, encode_chat, stop_token_ids
+from glmjax.data.chat_format import ChatFormat, ChatFormatError, chat_format_for
 from glmjax.inference.engine import GenerationEngine
 from glmjax.inference.sampling import SamplingConfig
 
@@ -69,8 +69,9 @@ def _ids_field(value: Any) -> list[int]:
 
 
 def parse_row(raw: bytes, index: int, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int,
-              max_prompt_len: int) -> Request:
-    """Parses one input line (bytes, without the newline) into a ``Request``.
+              max_prompt_len: int, chat_format: ChatFormat | None = None) -> Request:
+    """Parses one input line (bytes, without the newline) into a ``Request``; ``chat_format``
+    (default: the tokenizer's, ``chat_format_for``) renders ``messages`` rows.
 
     Raises:
       RowError: naming the field that is missing, of the wrong type, or invalid, or the encoding
@@ -106,7 +107,7 @@ def parse_row(raw: bytes, index: int, tokenizer: PreTrainedTokenizerBase | None,
         if tools is not None and not isinstance(tools, list):
             raise RowError("field 'tools' must be a list of tool specs")
         try:
-            ids = encode_chat(tokenizer, value, add_generation_prompt=True, tools=tools).input_ids.tolist()
+            ids = (chat_format or chat_format_for(tokenizer)).prompt_ids(value, tools=tools)
         except ChatFormatError as err:
             raise RowError(f"field 'messages': {err}") from err
     else:
@@ -160,8 +161,8 @@ def completed_indices(output_path: str, input_path: str | None = None, *, trunca
 
 
 def read_requests(path: str, done: set[int], tokenizer: PreTrainedTokenizerBase | None, vocab_size: int,
-                  max_prompt_len: int, on_error: OnError, report: TextIO,
-                  problems: list[str]) -> Iterator[Request]:
+                  max_prompt_len: int, on_error: OnError, report: TextIO, problems: list[str],
+                  chat_format: ChatFormat | None = None) -> Iterator[Request]:
     """Yields the parseable rows of ``path`` whose index is not in ``done``.
 
     Malformed rows are reported to ``report`` as ``path:line: problem`` and appended to
@@ -172,7 +173,8 @@ def read_requests(path: str, done: set[int], tokenizer: PreTrainedTokenizerBase 
             if index in done:
                 continue
             try:
-                request = parse_row(raw.rstrip(b"\r\n"), index, tokenizer, vocab_size, max_prompt_len)
+                request = parse_row(raw.rstrip(b"\r\n"), index, tokenizer, vocab_size, max_prompt_len,
+                                    chat_format)
             except RowError as err:
                 message = f"{path}:{index + 1}: {err}"
                 if on_error == "stop":
@@ -192,6 +194,17 @@ def _batches(requests: Iterator[Request], size: int) -> Iterator[list[Request]]:
             batch = []
     if batch:
         yield batch
+
+
+def _chat_format_or_none(tokenizer: PreTrainedTokenizerBase | None) -> ChatFormat | None:
+    """The tokenizer's chat format, or None when it has none (its ``messages`` rows are then
+    malformed rows, each naming the reason)."""
+    if tokenizer is None:
+        return None
+    try:
+        return chat_format_for(tokenizer)
+    except ChatFormatError:
+        return None
 
 
 def text_stop_ids(engine: GenerationEngine, tokenizer: PreTrainedTokenizerBase | None) -> list[int]:
@@ -223,11 +236,12 @@ def run_batch(
       RowError: with ``on_error="stop"``, at the first malformed row (after writing earlier batches).
     """
     done = completed_indices(output_path, input_path)
-    chat_stops: Sequence[int] = stop_token_ids(tokenizer) if tokenizer is not None else ()
+    chat_format = _chat_format_or_none(tokenizer)
+    chat_stops: Sequence[int] = chat_format.stop_token_ids if chat_format is not None else ()
     text_stops = text_stop_ids(engine, tokenizer)
     problems: list[str] = []
     requests = read_requests(input_path, done, tokenizer, engine.config.vocab_size, engine.length_buckets[-1],
-                             on_error, report, problems)
+                             on_error, report, problems, chat_format)
     writer = jax.process_index() == 0
     written = 0
     with open(output_path, "a", encoding="utf-8") if writer else open(os.devnull, "w") as out:

@@ -1,19 +1,20 @@
-"""The chat and tool-calling loop: generate a turn, run a tool call, append the observation, repeat.
+"""The chat and tool-calling loop: generate a turn, run its tool calls, append the results, repeat.
 
 Each round asks an ``LLMClient`` for the next assistant turn of every active conversation
-(``LLMClient.assistant_turns`` with the tool specs) and parses the turn, which comes in the GLM-4
-turn-text convention (``parse_assistant_output``). The model can be served anywhere: the local
-engine (``LocalEngineClient``, which renders the GLM-4 template with the tool specs in the system
-turn) or an OpenAI-compatible endpoint (``OpenAIHTTPClient``, which sends native ``tools`` /
-``tool_calls`` / ``tool`` messages). Per turn:
+(``LLMClient.assistant_turns`` with the tool specs); a turn comes back parsed (``AssistantTurn.reply``:
+content and tool calls), whatever serves the model: the local engine (``LocalEngineClient``, which
+renders the tokenizer's chat format) or an OpenAI-compatible endpoint (``OpenAIHTTPClient``, which
+sends native ``tools`` / ``tool_calls`` / ``tool`` messages). Per turn:
 
-* a plain reply ends the loop with that answer;
-* a tool call ``{name}\\n{JSON arguments}`` is appended as an assistant message with
-  ``tool_calls``, run through the ``ToolRegistry`` (whose errors come back as ``"Error: ..."``
-  observations), and its result appended as an ``observation`` message; then the next round.
+* a reply without tool calls ends the loop with that answer;
+* a reply with tool calls is appended as an assistant message with ``tool_calls`` (a call without an
+  id gets ``call_<n>``, ``n`` counting the conversation's calls from 0), each call is run through the
+  ``ToolRegistry`` (whose errors come back as ``"Error: ..."`` results) and its result appended as a
+  ``tool`` message (``tool_call_id``, ``name``, ``content``), in order; then the next round.
 
-The loop also ends when a turn runs out of tokens ("length"), when a turn is neither a reply nor a
-well-formed tool call ("format_error"; the raw text is kept as the assistant's content), or after
+Messages are OpenAI-style (``glmjax.data.chat_format``), so a conversation can move between
+clients. The loop also ends when a turn runs out of tokens ("length"), when a turn is a malformed
+tool call ("format_error"; the raw text is kept as the assistant's content), or after
 ``max_turns`` generated turns ("max_turns"). :func:`run_chats` steps many conversations in
 lockstep, one ``assistant_turns`` batch per round.
 """
@@ -26,7 +27,7 @@ from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from glmjax.data.chat_template import ChatFormatError, parse_assistant_output
+from glmjax.data.chat_format import tool_message
 from glmjax.inference.engine import GenerationEngine
 from glmjax.inference.llm_client import LLMClient, SamplingParams
 from glmjax.inference.local_client import LocalEngineClient
@@ -41,7 +42,7 @@ class ChatResult:
     """The outcome of one conversation.
 
     Attributes:
-      messages: the input messages plus every assistant and observation message added.
+      messages: the input messages plus every assistant and tool message added.
       answer: the final plain reply, or None when the loop ended otherwise.
       finish_reason: "answer", "length", "format_error" or "max_turns" (module docstring).
       turns: assistant turns generated.
@@ -79,10 +80,9 @@ def run_chats(
       model: a ``GenerationEngine`` (chatted with through ``LocalEngineClient(model, tokenizer)``)
         or any ``LLMClient``, used as is (e.g. ``OpenAIHTTPClient`` for vLLM / SGLang / hosted
         endpoints).
-      tokenizer: GLM-4 tokenizer; needed for a ``GenerationEngine``, unused for a client.
+      tokenizer: the model's tokenizer; needed for a ``GenerationEngine``, unused for a client.
       conversations: message lists, each ending where the assistant should answer.
-      tools: the tools offered to the model (None: none; a tool call then gets an error
-        observation).
+      tools: the tools offered to the model (None: none; a tool call then gets an error result).
       sampling: generation settings per turn (default ``SamplingParams()``).
       max_turns: most assistant turns per conversation.
       on_message: called as ``on_message(conversation_index, message)`` for each added message.
@@ -113,25 +113,21 @@ def run_chats(
         for index, turn in zip(active, turns):
             state = states[index]
             state.turns += 1
-            if turn.finish_reason == "length":
-                add(index, {"role": "assistant", "content": turn.text})
-                state.finish_reason = "length"
+            if turn.finish_reason == "length" or turn.error is not None:
+                add(index, {"role": "assistant", "content": turn.reply.content})
+                state.finish_reason = "length" if turn.finish_reason == "length" else "format_error"
+                state.error = turn.error if state.finish_reason == "format_error" else None
                 continue
-            try:
-                parsed = parse_assistant_output(turn.text)
-            except ChatFormatError as err:
-                add(index, {"role": "assistant", "content": turn.text})
-                state.finish_reason, state.error = "format_error", str(err)
+            seen = sum(len(m.get("tool_calls") or []) for m in state.messages if m.get("role") == "assistant")
+            calls = [call if call.id is not None else dataclasses.replace(call, id=f"call_{seen + n}")
+                     for n, call in enumerate(turn.reply.tool_calls)]
+            add(index, dataclasses.replace(turn.reply, tool_calls=calls).to_message())
+            if not calls:
+                state.answer, state.finish_reason = turn.reply.content, "answer"
                 continue
-            if "content" in parsed:
-                add(index, {"role": "assistant", "content": parsed["content"]})
-                state.answer, state.finish_reason = parsed["content"], "answer"
-                continue
-            name, arguments = parsed["tool_call"], parsed["arguments"]
-            add(index, {"role": "assistant", "content": "",
-                        "tool_calls": [{"function": {"name": name, "arguments": arguments}}]})
-            observation = tools.call(name, arguments) if specs else NO_TOOLS_OBSERVATION
-            add(index, {"role": "observation", "content": observation})
+            for call in calls:
+                result = tools.call(call.name, call.arguments) if specs else NO_TOOLS_OBSERVATION
+                add(index, tool_message(call, result))
             if state.turns < max_turns:
                 still_active.append(index)
         active = still_active

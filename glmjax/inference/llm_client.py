@@ -7,17 +7,17 @@
 any OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, SGLang, hosted
 APIs); the local JAX engine implements the same interface in ``local_client``.
 
-Conversations use the GLM-4 message format of ``glmjax.data.chat_template``:
-roles ``system``/``user``/``assistant``/``observation`` (``tool`` is an alias of
-``observation``), and an assistant tool call is an assistant message with
-``tool_calls: [{"function": {"name": str, "arguments": dict | JSON str}}]``
-answered by the ``observation`` messages that follow it, in order.
+Conversations are OpenAI-style messages (``glmjax.data.chat_format``): roles
+``system``/``user``/``assistant``/``tool`` (GLM-4's ``observation`` is accepted as ``tool``), an
+assistant tool call is an assistant message with ``tool_calls: [{"id"?, "function": {"name",
+"arguments": dict | JSON str}}]`` answered by the ``tool`` messages that follow it (by
+``tool_call_id``, else in order).  A generated turn comes back parsed
+(:class:`AssistantTurn.reply`), so callers need no model-specific text convention.
 """
 
 from __future__ import annotations
 
 import abc
-import collections
 import concurrent.futures
 import dataclasses
 import http.client
@@ -30,7 +30,14 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Literal, Mapping, Sequence, TypeVar
 
-from glmjax.data.chat_template import ChatFormatError, tool_call_parts
+from glmjax.data.chat_format import (
+    ChatFormatError,
+    Reply,
+    ToolCall,
+    function_tool,
+    glm4_call_arguments,
+    tool_calls_of,
+)
 
 Message = Mapping[str, Any]
 """A chat message: ``{"role": "system" | "user" | "assistant" | ..., "content": str}``."""
@@ -83,23 +90,26 @@ class SamplingParams:
 
 @dataclasses.dataclass(frozen=True)
 class AssistantTurn:
-    """One generated assistant turn in the GLM-4 turn-text convention.
+    """One generated assistant turn.
 
     Attributes:
-      text: what follows ``<|assistant|>`` in the GLM-4 format, without the stop token:
-        ``"\\n{reply}"`` for a plain reply or ``"{tool name}\\n{JSON arguments}"`` for a tool call
-        (``glmjax.data.chat_template.parse_assistant_output`` tells them apart); ends before the
-        first ``SamplingParams.stop`` string, if any occurs.
+      text: the generated text, without the stop token (a local model's raw turn text; a server's
+        message content); ends before the first ``SamplingParams.stop`` string, if any occurs.
       tokens: generated ids, including a final stop token (not cut by stop strings); empty when
         the client does not see tokens (:class:`OpenAIHTTPClient`).
       logprobs: one per token (see ``glmjax.inference.sampling``); empty when ``tokens`` is.
       finish_reason: "stop" (stop token or stop string) or "length" (``max_tokens`` reached).
+      reply: the turn parsed: its content and tool calls (``Reply.to_message()`` is the assistant
+        message for the next turn); ``Reply(text)`` when it could not be parsed.
+      error: why the turn could not be parsed (a malformed tool call), else None.
     """
 
     text: str
     tokens: list[int]
     logprobs: list[float]
     finish_reason: Literal["stop", "length"]
+    reply: Reply
+    error: str | None = None
 
 
 class LLMClient(abc.ABC):
@@ -125,15 +135,14 @@ class LLMClient(abc.ABC):
         """Return the next assistant turn of each conversation, in the order given.
 
         Args:
-          conversations: message lists in the GLM-4 format (module docstring), each ending where
-            the assistant should speak.
+          conversations: message lists (module docstring), each ending where the assistant should
+            speak.
           sampling: generation settings (default ``SamplingParams()``).
           tools: tool specs offered to the model (``ToolRegistry.specs()``); None or empty offers
             none.
 
         Returns:
-          One :class:`AssistantTurn` per conversation, whose ``text`` is a plain reply or a tool
-          call in the GLM-4 turn-text convention.
+          One :class:`AssistantTurn` per conversation, with its parsed reply.
 
         Raises:
           LLMClientError: a turn could not be generated (``batch_index`` names the conversation
@@ -269,17 +278,12 @@ class OpenAIHTTPClient(LLMClient):
 
         Requests go out and fail as in :meth:`complete_batch`.  Each conversation is sent in the
         OpenAI format (:func:`to_openai_messages`) with ``tools`` as the request's ``"tools"``
-        (only when given); the server applies the chat template, the tool-call parser and the
-        ``stop`` strings.  The first choice becomes a turn in the GLM-4 turn-text convention:
-
-        * a message with ``tool_calls``: ``"{name}\\n{arguments}"`` for the *first* call (the
-          chat loop, like GLM-4, makes one call per turn; further calls in the same message are
-          dropped, so the model only ever sees the call that was answered).  ``arguments`` is
-          passed on verbatim (an object is serialised to JSON), so arguments that are not a JSON
-          object come back as a turn that ``parse_assistant_output`` rejects (the chat loop's
-          "format_error"): bad arguments are model output, not a transport failure.  Any
-          content next to the calls is dropped;
-        * otherwise ``"\\n{content}"``.
+        (only when given, each in the OpenAI function form: a GLM-4 All Tools built-in such as
+        ``python`` is sent as the function it is registered as); the server applies the chat
+        template, the tool-call parser and the ``stop`` strings.  The first choice becomes the
+        turn: its ``content`` (``""`` when null) and every one of its ``tool_calls``, in order,
+        with their ids.  Arguments that are not a JSON object are model output, not a transport
+        failure: the turn comes back with ``error`` set (the chat loop's "format_error").
 
         ``finish_reason`` is "length" when the server reports "length", else "stop".  ``tokens``
         and ``logprobs`` are empty lists (the server does not return token ids).
@@ -288,11 +292,15 @@ class OpenAIHTTPClient(LLMClient):
           LLMClientError: as :meth:`complete_batch`; also :class:`LLMResponseError` (retried) for
             a reply with neither text nor ``tool_calls``, or with ``tool_calls`` that are not a
             list of ``{"function": {"name": non-empty str, ...}}`` objects, and a non-retryable
-            :class:`LLMClientError` for a conversation that cannot be converted.
+            :class:`LLMClientError` for a conversation or tool spec that cannot be converted.
         """
         sampling = sampling or SamplingParams()
+        try:
+            specs = [function_tool(tool, index) for index, tool in enumerate(tools or [])]
+        except ChatFormatError as err:
+            raise LLMClientError(str(err)) from err
         return self._map_concurrently(
-            lambda messages: self._post(self._payload(messages, sampling, tools), _reply_turn),
+            lambda messages: self._post(self._payload(messages, sampling, specs), _reply_turn),
             conversations)
 
     def _map_concurrently(self, function: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
@@ -403,45 +411,55 @@ class OpenAIHTTPClient(LLMClient):
 
 
 def to_openai_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
-    """Converts a GLM-4 format conversation (module docstring) to OpenAI chat messages.
+    """Converts a conversation (module docstring) to OpenAI chat messages.
 
     * An assistant message with ``tool_calls`` becomes ``{"role": "assistant", "content": str or
-      None, "tool_calls": [{"id": "call_<n>", "type": "function", "function": {"name",
-      "arguments": JSON str}}]}``, ``n`` counting the calls of the conversation from 0.
+      None, "tool_calls": [{"id", "type": "function", "function": {"name", "arguments": JSON
+      str}}]}``; a call without an id gets ``"call_<n>"``, ``n`` counting the calls of the
+      conversation from 0.  A GLM-4 native call (an assistant message whose ``metadata`` names the
+      tool and whose content is the call) is converted the same way.
     * An ``observation`` (or ``tool``) message becomes ``{"role": "tool", "tool_call_id": ...,
-      "content": ...}`` answering the oldest call not yet answered.
+      "content": ...}`` answering the call its ``tool_call_id`` names, else the oldest call not yet
+      answered.
     * Every other message is copied as is.
 
     Raises:
       LLMClientError: (not retryable) a tool call without a non-empty string ``name`` or with
-        arguments that are not a JSON object (``tool_call_parts``), or an observation that
-        answers no call; the message index is named.
+        arguments that are not a JSON object, or a tool message that answers no call; the
+        message index is named.
     """
     converted: list[dict[str, Any]] = []
-    unanswered: collections.deque[str] = collections.deque()
+    unanswered: list[str] = []
     calls_seen = 0
     for index, message in enumerate(messages):
         role = message.get("role")
-        if role == "assistant" and message.get("tool_calls"):
-            calls = []
-            for call_index, call in enumerate(message["tool_calls"]):
-                try:
-                    name, arguments = tool_call_parts(call, index, call_index)
-                except ChatFormatError as err:
-                    raise LLMClientError(str(err)) from err
-                call_id = f"call_{calls_seen}"
+        native_call = role == "assistant" and message.get("metadata") and not message.get("tool_calls")
+        if role == "assistant" and (message.get("tool_calls") or native_call):
+            try:
+                calls = ([ToolCall(message["metadata"],
+                                   glm4_call_arguments(message["metadata"], message.get("content") or ""))]
+                         if native_call else tool_calls_of(message, index))
+            except ChatFormatError as err:
+                raise LLMClientError(f"message {index}: {err}" if native_call else str(err)) from err
+            entries = []
+            for call in calls:
+                call_id = call.id or f"call_{calls_seen}"
                 calls_seen += 1
                 unanswered.append(call_id)
-                calls.append({"id": call_id, "type": "function", "function": {
-                    "name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}})
-            converted.append({**message, "content": message.get("content") or None,
-                              "tool_calls": calls})
+                entries.append({"id": call_id, "type": "function", "function": {
+                    "name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}})
+            rest = {key: value for key, value in message.items() if key != "metadata"}
+            content = None if native_call else message.get("content") or None
+            converted.append({**rest, "content": content, "tool_calls": entries})
         elif role in ("observation", "tool"):
-            if not unanswered:
+            call_id = message.get("tool_call_id")
+            if call_id is None and not unanswered:
                 raise LLMClientError(f"message {index}: {role!r} message answers no tool call "
                                      "(no unanswered assistant tool_calls before it)")
-            converted.append({"role": "tool", "tool_call_id": unanswered.popleft(),
-                              "content": message.get("content")})
+            call_id = call_id if call_id is not None else unanswered[0]
+            if call_id in unanswered:
+                unanswered.remove(call_id)
+            converted.append({"role": "tool", "tool_call_id": call_id, "content": message.get("content")})
         else:
             converted.append(dict(message))
     return converted
@@ -481,22 +499,24 @@ def _reply_text(raw: bytes, url: str) -> str:
 def _reply_turn(raw: bytes, url: str) -> AssistantTurn:
     """The first choice as an :class:`AssistantTurn` (:meth:`OpenAIHTTPClient.assistant_turns`)."""
     message, finish_reason = _first_message(raw, url)
-    calls = message.get("tool_calls")
-    if calls:
-        first = calls[0] if isinstance(calls, list) else None
-        function = first.get("function") if isinstance(first, dict) else None
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str) or not name:
-            raise LLMResponseError(f"reply from {url} has malformed tool_calls (expected "
-                                   f"[{{'function': {{'name': str, 'arguments': str}}}}]): "
-                                   f"{_excerpt(raw)}", retryable=True)
-        arguments = function.get("arguments")
-        if not isinstance(arguments, str):  # Some servers send the object itself.
-            arguments = json.dumps(arguments, ensure_ascii=False)
-        text = f"{name}\n{arguments}"
-    else:
-        text = "\n" + _message_text(message, raw, url)
-    return AssistantTurn(text, [], [], "length" if finish_reason == "length" else "stop")
+    finish = "length" if finish_reason == "length" else "stop"
+    entries = message.get("tool_calls")
+    if not entries:
+        content = _message_text(message, raw, url)
+        return AssistantTurn(content, [], [], finish, Reply(content))
+    functions = [entry.get("function") if isinstance(entry, dict) else None
+                 for entry in (entries if isinstance(entries, list) else [None])]
+    if not all(isinstance(f, dict) and isinstance(f.get("name"), str) and f["name"] for f in functions):
+        raise LLMResponseError(f"reply from {url} has malformed tool_calls (expected "
+                               f"[{{'function': {{'name': str, 'arguments': str}}}}]): "
+                               f"{_excerpt(raw)}", retryable=True)
+    content = message.get("content") if isinstance(message.get("content"), str) else ""
+    try:
+        calls = tool_calls_of({"tool_calls": entries}, 0)
+    except ChatFormatError as err:
+        error = str(err).removeprefix("message 0: ")
+        return AssistantTurn(content, [], [], finish, Reply(content), error)
+    return AssistantTurn(content, [], [], finish, Reply(content, calls))
 
 
 def _read_error_body(error: urllib.error.HTTPError) -> str:

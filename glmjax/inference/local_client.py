@@ -1,8 +1,11 @@
-"""``LLMClient`` backed by the local ``GenerationEngine``: GLM-4 chat template in, text out.
+"""``LLMClient`` backed by the local ``GenerationEngine``: the tokenizer's chat format in, parsed
+turns out.
 
-Conversations are rendered with the GLM-4 template (``encode_chat`` with a generation prompt),
-generated as one batch through the engine until a chat stop token (``<|user|>``,
-``<|observation|>``, ``<|endoftext|>``), and decoded.
+Conversations become prompt ids through the tokenizer's chat format
+(:func:`glmjax.data.chat_format.chat_format_for`: its own chat template, else the GLM-4 or ChatML
+layout; message content is encoded as text, never as control tokens), are generated as one batch
+through the engine until one of the format's stop tokens (GLM-4: ``<|user|>``, ``<|observation|>``,
+``<|endoftext|>``; Qwen: ``<|im_end|>``), decoded, and parsed into content and tool calls.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from glmjax.data.chat_template import ChatFormatError, encode_chat, parse_assistant_output, stop_token_ids
+from glmjax.data.chat_format import ChatFormat, ChatFormatError, Reply, chat_format_for
 from glmjax.inference.engine import GenerationEngine
 from glmjax.inference.llm_client import (
     AssistantTurn,
@@ -25,38 +28,35 @@ from glmjax.inference.llm_client import (
 from glmjax.inference.sampling import SamplingConfig
 
 
-def reply_text(turn_text: str) -> str:
-    """The user-facing text of a turn: a plain reply without its leading newline; a tool call or
-    unparseable output as generated."""
-    try:
-        parsed = parse_assistant_output(turn_text)
-    except ChatFormatError:
-        return turn_text
-    return parsed.get("content", turn_text)
-
-
 class LocalEngineClient(LLMClient):
     """Chat completions from a local ``GenerationEngine``.
 
     Args:
       engine: the generation engine.
-      tokenizer: a tokenizer with the GLM-4 special tokens.
+      tokenizer: the model's tokenizer.
+      chat_format: the chat format (default ``chat_format_for(tokenizer)``).
+
+    Raises:
+      ChatFormatError: the tokenizer has no chat format.
     """
 
-    def __init__(self, engine: GenerationEngine, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, engine: GenerationEngine, tokenizer: PreTrainedTokenizerBase,
+                 chat_format: ChatFormat | None = None) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
-        self.stop_token_ids = stop_token_ids(tokenizer)
+        self.chat_format = chat_format or chat_format_for(tokenizer)
+        self.stop_token_ids = list(self.chat_format.stop_token_ids)
 
     def complete(self, messages: Sequence[Message], sampling: SamplingParams | None = None) -> str:
-        """The reply text to one conversation (``reply_text`` of the generated turn)."""
+        """The reply text to one conversation (the parsed turn's content)."""
         return self.complete_batch([messages], sampling)[0]
 
     def complete_batch(
         self, conversations: Sequence[Sequence[Message]], sampling: SamplingParams | None = None
     ) -> list[str]:
-        """Reply texts, generated as one engine batch, in the order given."""
-        return [reply_text(turn.text) for turn in self.assistant_turns(conversations, sampling)]
+        """Reply texts (each turn's parsed content, or its raw text when it does not parse),
+        generated as one engine batch, in the order given."""
+        return [turn.reply.content for turn in self.assistant_turns(conversations, sampling)]
 
     def assistant_turns(
         self,
@@ -67,25 +67,29 @@ class LocalEngineClient(LLMClient):
         """Generates the next assistant turn of every conversation (one engine batch).
 
         Args:
-          conversations: chat messages (``render_messages`` format).
+          conversations: chat messages (``glmjax.data.chat_format``).
           sampling: ``max_tokens``, temperature and filters, ``seed`` (None draws a fresh one),
             ``stop`` strings.
-          tools: tool specs rendered into the system turn (``ToolRegistry.specs()``).
+          tools: tool specs offered to the model (``ToolRegistry.specs()``), rendered as the chat
+            format does.
 
         Raises:
           LLMClientError: a conversation does not fit the chat format or the engine's limits (the
-            message names it; ``batch_index`` is set for format errors).
+            message names it; ``batch_index`` is set for format errors), or tools are offered to
+            a format whose tool calls cannot be parsed.
         """
         sampling = sampling or SamplingParams()
+        if tools and not self.chat_format.parses_tool_calls:
+            raise LLMClientError(f"tools: {self.chat_format.source} has no tool-call convention glmjax "
+                                 "parses (GLM-4 or <tool_call> JSON)")
         prompts = []
         for index, messages in enumerate(conversations):
             try:
-                encoded = encode_chat(self.tokenizer, messages, add_generation_prompt=True, tools=tools)
+                prompts.append(self.chat_format.prompt_ids(messages, tools))
             except ChatFormatError as err:
                 error = LLMClientError(f"conversation {index}: {err}")
                 error.batch_index = index
                 raise error from err
-            prompts.append(encoded.input_ids.tolist())
         seed = secrets.randbits(31) if sampling.seed is None else sampling.seed
         try:
             results = self.engine.generate(
@@ -102,5 +106,9 @@ class LocalEngineClient(LLMClient):
             for stop in sampling.stop:
                 if stop in text:
                     text, finish = text.split(stop, 1)[0], "stop"
-            turns.append(AssistantTurn(text, result.tokens, result.logprobs, finish))
+            try:
+                reply, error = self.chat_format.parse_reply(text), None
+            except ChatFormatError as err:
+                reply, error = Reply(text), str(err)
+            turns.append(AssistantTurn(text, result.tokens, result.logprobs, finish, reply, error))
         return turns

@@ -1,4 +1,4 @@
-"""A chat on the terminal with a local model, optionally with the sandboxed Python tool."""
+"""A chat on the terminal with a local model, optionally with GLM-4's All Tools."""
 
 from __future__ import annotations
 
@@ -9,37 +9,35 @@ from typing import Any, TextIO
 
 from transformers import PreTrainedTokenizerBase
 
+from glmjax.inference.all_tools import register_all_tools
 from glmjax.inference.chat import ChatSession
 from glmjax.inference.engine import GenerationEngine
 from glmjax.inference.llm_client import SamplingParams
 from glmjax.inference.local_client import LocalEngineClient
-from glmjax.inference.python_tool import register_python_tool
 from glmjax.inference.tools import ToolRegistry
 
 
 def run_interactive(engine: GenerationEngine, tokenizer: PreTrainedTokenizerBase, *, sampling: SamplingParams,
-                    tools: Sequence[str], system: str | None, max_turns: int, stdin: TextIO = sys.stdin,
+                    tools: Sequence[str], system: str | None, max_turns: int,
+                    documents: Sequence[str] = (), stdin: TextIO = sys.stdin,
                     stdout: TextIO = sys.stdout) -> None:
     """A terminal chat on ``stdin``/``stdout``; tool calls and observations are shown as they happen.
     Only the conversation goes to ``stdout``. Commands: ``/reset`` (new conversation), ``/exit``.
 
+    ``tools`` names GLM-4 All Tools (``python``, ``simple_browser`` over a local index of
+    ``documents``; ``glmjax.inference.all_tools``).
+
     Raises:
-      ValueError: an unknown tool name.
+      ValueError: an unknown or refused tool name, or ``simple_browser`` without documents.
     """
-    registry = None
-    if tools:
-        registry = ToolRegistry()
-        for name in tools:
-            if name != "python":
-                raise ValueError(f"unknown tool {name!r} (available: python)")
-            register_python_tool(registry)
+    registry = register_all_tools(ToolRegistry(), tools, documents=documents) if tools else None
 
     def show(_: int, message: dict[str, Any]) -> None:
         if message.get("tool_calls"):
             call = message["tool_calls"][0]["function"]
             arguments = json.dumps(call["arguments"], ensure_ascii=False)
             print(f"[tool call] {call['name']} {arguments}", file=stdout)
-        elif message["role"] == "observation":
+        elif message["role"] in ("tool", "observation"):
             print(f"[observation] {message['content']}", file=stdout)
         else:
             print(f"assistant> {message['content']}", file=stdout)

@@ -2,7 +2,11 @@
 
 Each tool has a JSON-schema-like spec (name, description, parameters) that is
 rendered into the system prompt, and :meth:`ToolRegistry.call` turns a parsed
-tool call into an observation string.  ``call`` never raises for anything the
+tool call into an observation string.  A tool registered as ``python`` or
+``simple_browser`` is a GLM-4 All Tools built-in (its spec's ``type`` says so):
+GLM-4 models are offered it in the official All Tools form (fixed description,
+native call syntax), other models as the function it is.  ``cogview`` (image
+generation) is refused: glmjax serves no image model.  ``call`` never raises for anything the
 model can get wrong (unknown tool, malformed or mistyped arguments, a tool that
 raises): it returns an observation starting with ``"Error: "`` instead, so a
 chat loop can hand it back to the model and continue.
@@ -26,20 +30,27 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
 }
 _PYTHON_TO_JSON = {str: "string", int: "integer", float: "number", bool: "boolean",
                    list: "array", dict: "object"}
+BUILTIN_KINDS = ("python", "simple_browser")
+"""GLM-4 All Tools built-ins a registry can hold: a tool registered under one of these names has
+that kind."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ToolSpec:
-    """Name, description and JSON-schema parameters of a tool."""
+    """Name, description and JSON-schema parameters of a tool, and its kind: ``"function"``, or a
+    GLM-4 All Tools built-in (:data:`BUILTIN_KINDS`)."""
 
     name: str
     description: str
     parameters: Mapping[str, Any]
+    kind: str = "function"
 
     def to_dict(self) -> dict[str, Any]:
-        """The spec in the OpenAI / Hugging Face function-tool format."""
+        """The spec in the OpenAI / Hugging Face function-tool format; a built-in's ``type`` is its
+        kind (``{"type": "python", "function": {...}}``), which GLM-4's template lists as the
+        built-in and ``glmjax.data.chat_format.function_tool`` turns back into a function."""
         return {
-            "type": "function",
+            "type": self.kind,
             "function": {
                 "name": self.name,
                 "description": self.description,
@@ -72,7 +83,8 @@ class ToolRegistry:
 
         Args:
           function: the callable; it receives the arguments as keyword arguments.
-          name: tool name (default: ``function.__name__``).
+          name: tool name (default: ``function.__name__``); ``python`` and
+            ``simple_browser`` register GLM-4 All Tools built-ins, ``cogview`` is refused.
           description: what the tool does (default: the docstring's first paragraph).
           parameters: JSON schema of an object (``{"type": "object", "properties":
             ..., "required": [...]}``); by default inferred from the signature,
@@ -81,6 +93,10 @@ class ToolRegistry:
 
         Returns:
           ``function`` (or, without it, a decorator that registers and returns it).
+
+        Raises:
+          ValueError: no name can be inferred, the name is taken or is ``cogview``, or the
+            parameters are not an object schema.
         """
         if function is None:
             return lambda f: self.register(f, name=name, description=description,
@@ -88,6 +104,9 @@ class ToolRegistry:
         tool_name = name or getattr(function, "__name__", None)
         if not tool_name:
             raise ValueError(f"cannot infer a tool name for {function!r}; pass name=")
+        if tool_name == "cogview":
+            raise ValueError("cogview (image generation) is not available: glmjax serves no image "
+                             "model; the GLM-4 All Tools it offers are python and simple_browser")
         if tool_name in self._tools:
             raise ValueError(f"a tool named {tool_name!r} is already registered")
         if description is None:
@@ -97,7 +116,8 @@ class ToolRegistry:
         elif parameters.get("type") != "object":
             raise ValueError(f"parameters of tool {tool_name!r} must be a JSON schema of "
                              f"type 'object', got {parameters!r}")
-        self._tools[tool_name] = _Tool(ToolSpec(tool_name, description, parameters), function)
+        kind = tool_name if tool_name in BUILTIN_KINDS else "function"
+        self._tools[tool_name] = _Tool(ToolSpec(tool_name, description, parameters, kind), function)
         return function
 
     @property
@@ -113,7 +133,7 @@ class ToolRegistry:
         return self._tools[name].spec
 
     def specs(self) -> list[dict[str, Any]]:
-        """All specs, in the function-tool format, for rendering into a system prompt."""
+        """All specs (:meth:`ToolSpec.to_dict`), for rendering into a system prompt."""
         return [tool.spec.to_dict() for tool in self._tools.values()]
 
     def call(self, name: str, arguments: Mapping[str, Any] | str | None) -> str:
