@@ -31,6 +31,10 @@ AxisRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 # Logical name -> mesh axes.  Parameters: FSDP shards the model dimension,
 # tensor parallelism shards heads, MLP and vocabulary.  Activations: batch over
 # data+fsdp, sequence over the sequence axis, heads/MLP/vocab over tensor.
+# KV cache [batch, kv_heads, max_len, head_dim]: batch over data+fsdp, KV heads over
+# tensor; the cache sequence takes the sequence axis and, when the KV heads cannot be
+# split over tensor (2 KV heads on 8 tensor shards), the tensor axis too, so no
+# tensor shard holds the whole cache (``glmjax.models.attention.write_cache``).
 DEFAULT_RULES: AxisRules = (
     ("layers", None),
     ("vocab", "tensor"),
@@ -50,7 +54,9 @@ DEFAULT_RULES: AxisRules = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     ("cache_batch", ("data", "fsdp")),
-    ("cache_seq", None),
+    ("cache_kv_heads", "tensor"),
+    ("cache_seq", ("sequence", "tensor")),
+    ("cache_head_dim", None),
 )
 
 

@@ -15,6 +15,10 @@ implementations and repeating:
 Compilation and PyTorch warm-up happen before timing. The JSON reports medians, min and max,
 the ours/transformers ratios of the medians, and the machine load (``os.getloadavg``) around
 every measurement, since other processes on the host distort CPU timings.
+
+``--stop_check_every=N`` also times glmjax's stop-string path (``glmjax_stop_strings``: a stop
+string that never occurs, host checks every N steps, ids joined as text standing in for a
+tokenizer) in the same interleaved runs, to show its cost over the one-program default.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with --temperature > 0).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per batch size and implementation.")
+_STOP_CHECK_EVERY = flags.DEFINE_integer(
+    "stop_check_every", 0, "Also time the stop-string path with host checks every N steps (0: off).")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "PyTorch intra-op threads (0: its default).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the JSON report here (also printed).")
 
@@ -95,6 +101,11 @@ def _bench_batch(engine: GenerationEngine, hf_model, batch: int) -> dict:
     def ours(n: int) -> Callable[[], object]:
         return lambda: engine.generate(prompts.tolist(), sampling, max_new_tokens=n)
 
+    def ours_stop_strings(n: int) -> Callable[[], object]:
+        return lambda: engine.generate(prompts.tolist(), sampling, max_new_tokens=n,
+                                       stop_strings=["never in the text"], detokenize=_ids_text,
+                                       stop_check_every=_STOP_CHECK_EVERY.value)
+
     def peer(n: int) -> Callable[[], object]:
         def run():
             with torch.inference_mode():
@@ -102,11 +113,15 @@ def _bench_batch(engine: GenerationEngine, hf_model, batch: int) -> dict:
                                   pad_token_id=0, **peer_sampling)
         return run
 
-    for fn in (ours(1), ours(new), peer(1), peer(new)):  # compile / warm up
-        fn()
-    runs: dict[str, list[dict]] = {"glmjax": [], "transformers": []}
+    implementations = [("glmjax", ours), ("transformers", peer)]
+    if _STOP_CHECK_EVERY.value:
+        implementations.append(("glmjax_stop_strings", ours_stop_strings))
+    for _, make in implementations:  # compile / warm up
+        make(1)()
+        make(new)()
+    runs: dict[str, list[dict]] = {name: [] for name, _ in implementations}
     for _ in range(_REPEATS.value):
-        for name, make in (("glmjax", ours), ("transformers", peer)):
+        for name, make in implementations:
             first = _timed(make(1))
             full = _timed(make(new))
             runs[name].append({"ttft_s": first["seconds"], "full_s": full["seconds"],
@@ -125,6 +140,10 @@ def _bench_batch(engine: GenerationEngine, hf_model, batch: int) -> dict:
                                 / peer_med["decode_tokens_per_s"]["median"])
     report["ttft_speedup"] = peer_med["ttft_s"]["median"] / ours_med["ttft_s"]["median"]
     return report
+
+
+def _ids_text(tokens: list[int]) -> str:
+    return " ".join(map(str, tokens))
 
 
 def _greedy_match(engine: GenerationEngine, hf_model) -> bool:
@@ -153,6 +172,7 @@ def main(argv: list[str]) -> None:
                   "parameters": sum(p.numel() for p in hf_model.parameters())},
         "workload": {"prompt_len": _PROMPT_LEN.value, "new_tokens": _NEW_TOKENS.value,
                      "repeats": _REPEATS.value, "no_early_stop": True,
+                     "stop_check_every": _STOP_CHECK_EVERY.value or None,
                      "decoding": ("greedy" if _TEMPERATURE.value == 0 else
                                   f"sampled, temperature {_TEMPERATURE.value}, top_p {_TOP_P.value}")},
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),

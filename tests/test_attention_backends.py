@@ -144,3 +144,49 @@ def test_sharded_splash_keeps_query_heads_local(mesh_shape, heads, kv_heads):
         grads = jax.jit(jax.grad(functools.partial(loss, "splash"), argnums=(0, 1, 2)))(*args[:3])
     for name, grad, reference in zip("qkv", grads, expected_grads):
         np.testing.assert_allclose(grad, reference, atol=5e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("mesh_shape,kv_heads,expected_spec", [
+    ((1, 1, 4, 1), 2, (None, None, "tensor", None)),             # KV heads < tensor: sequence split
+    ((2, 1, 2, 1), 2, ("data", "tensor", None, None)),           # KV heads split, sequence whole
+    ((1, 1, 2, 2), 2, (None, "tensor", "sequence", None)),       # context parallel decode
+    ((1, 2, 2, 2), 1, ("fsdp", None, ("sequence", "tensor"), None)),
+])
+def test_sharded_cache_write_and_decode_attention_match_one_device(mesh_shape, kv_heads, expected_spec):
+    """Per-shard cache writes and split-K decode attention equal the unsharded reference, for
+    queries whose rows have filled 0..all of the cache (so some sequence shards are empty)."""
+    mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
+    batch, length, heads, head_dim, t = 4, 32, 8, 16, 2
+    q, k, v, _ = _qkv(8, batch, length, heads, kv_heads, head_dim)
+    cache_k, cache_v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [b, kv_heads, len, h]
+    new_k, new_v = k[:, :t] * 2, v[:, :t] - 1
+    starts = jnp.array([0, 7, 16, 29], jnp.int32)  # row 3 writes past the end: dropped
+    filled = (np.arange(length)[None] < np.asarray(starts + t)[:, None]).astype(np.int32)
+    kv_segments = jnp.asarray(filled)
+    q_segments = jnp.ones((batch, t), jnp.int32)
+
+    def step(cache_k, cache_v, new_k, new_v, q):
+        cache_k = attention_lib.write_cache(cache_k, new_k, starts)
+        cache_v = attention_lib.write_cache(cache_v, new_v, starts)
+        out = attention_lib.decode_attention(q, cache_k, cache_v, q_segment_ids=q_segments,
+                                             kv_segment_ids=kv_segments, q_offsets=starts)
+        return cache_k, cache_v, out
+
+    expected = jax.jit(step)(cache_k, cache_v, new_k, new_v, q[:, :t])
+    reference = attention_lib.cached_attention(q[:, :t], expected[0], expected[1], q_segment_ids=q_segments,
+                                               kv_segment_ids=kv_segments, q_offsets=starts)
+    np.testing.assert_allclose(expected[2], reference, atol=1e-6)
+    with jax.set_mesh(mesh):
+        spec = attention_lib.cache_spec(cache_k.shape, mesh)
+        assert tuple(spec) == expected_spec
+        place = lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+        run = jax.jit(step)
+        args = (place(cache_k), place(cache_v), new_k, new_v, q[:, :t])
+        out = run(*args)
+        hlo = run.lower(*args).compile().as_text()
+    for got, want in zip(out, expected):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert out[0].sharding.spec == spec
+    # Only queries ([b, t, heads, h]) are ever gathered, never the cache.
+    gathered = [line for line in hlo.splitlines() if "all-gather(" in line]
+    assert all(f"[{batch},{length}" not in line and f",{length},{head_dim}]" not in line for line in gathered)

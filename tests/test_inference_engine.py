@@ -286,3 +286,19 @@ def test_stacked_layers_engine_shares_buffers_and_generates_the_same():
         assert [r.tokens for r in results] == [r.tokens for r in expected]
         np.testing.assert_allclose([r.logprobs for r in results], [r.logprobs for r in expected],
                                    atol=1e-4)
+
+
+def test_cpu_engine_pads_2kib_weight_strides_and_generates_the_same():
+    config = preset("glm4-tiny").replace(hidden_size=512, intermediate_size=256)
+    first, second = create_model(config, seed=1), create_model(config, seed=2)
+    engine = GenerationEngine(first, max_batch_size=2, length_buckets=(16,))
+    assert engine.state["layers"][0]["mlp"]["down_kernel"][...].shape == (288, 576)  # pad_features
+    prompts = [[5, 6, 7], [9, 10]]
+    sampling = SamplingConfig(temperature=0.8)
+    for model in (first, second):
+        engine.update_model(model)
+        stacked = GenerationEngine(model, max_batch_size=2, length_buckets=(16,), stacked_layers=True)
+        want = stacked.generate(prompts, sampling, max_new_tokens=10, seed=4)
+        got = engine.generate(prompts, sampling, max_new_tokens=10, seed=4)
+        assert [r.tokens for r in got] == [r.tokens for r in want]
+        np.testing.assert_allclose([r.logprobs for r in got], [r.logprobs for r in want], atol=1e-5)

@@ -173,13 +173,63 @@ def test_batch_retries_individual_failures(server):
     assert len(server.requests) == 8
 
 
-def test_batch_failure_reports_index_and_cancels_the_rest(server):
-    server.script(Behaviour.normal(), Behaviour.error(400, "bad request"))
-    conversations = [[{"role": "user", "content": f"q{i}"}] for i in range(8)]
+def test_batch_failure_keeps_the_other_results(server):
+    server.script(Behaviour.normal(), Behaviour.error(400, "bad request"), Behaviour.normal(),
+                  Behaviour.error(404, "gone"))
+    conversations = [[{"role": "user", "content": f"q{i}"}] for i in range(6)]
     with pytest.raises(LLMHTTPError, match="HTTP 400") as info:
         fast_client(server, max_concurrency=1).complete_batch(conversations)
     assert info.value.batch_index == 1
-    assert len(server.requests) <= 3
+    results = info.value.results
+    assert [r for i, r in enumerate(results) if i not in (1, 3)] == ["echo: q0", "echo: q2", "echo: q4", "echo: q5"]
+    assert results[1] is info.value and isinstance(results[3], LLMHTTPError) and results[3].batch_index == 3
+    assert len(server.requests) == 6  # every item was attempted
+
+
+def test_batch_items_get_seed_plus_index(server):
+    conversations = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+    fast_client(server).complete_batch(conversations, SamplingParams(seed=10))
+    seeds = {r.body["messages"][0]["content"]: r.body["seed"] for r in server.requests}
+    assert seeds == {"q0": 10, "q1": 11, "q2": 12, "q3": 13}
+    fast_client(server).assistant_turns(conversations[:2], SamplingParams(seed=0))
+    assert [r.body["seed"] for r in server.requests[4:]] in ([0, 1], [1, 0])
+    fast_client(server).complete_batch(conversations[:2])
+    assert all("seed" not in r.body for r in server.requests[6:])
+
+
+def test_request_timeout_status_is_retried(server):
+    server.script(Behaviour.error(408, "request timeout"))
+    assert fast_client(server).complete(MESSAGES) == "echo: hi"
+    assert len(server.requests) == 2
+
+
+def test_retry_after_is_capped(server):
+    server.script(Behaviour.rate_limited(retry_after_s=30.0))
+    start = time.monotonic()
+    assert fast_client(server, max_retry_after_s=0.2).complete(MESSAGES) == "echo: hi"
+    assert 0.2 <= server.requests[1].time - server.requests[0].time < 1.0
+    assert time.monotonic() - start < 2.0
+
+
+def test_deadline_bounds_attempts_and_waits(server):
+    # The attempt times out at 0.3 s; its retry would wait at least 0.25 s, past the deadline.
+    server.script(Behaviour.slow(3.0))
+    start = time.monotonic()
+    with pytest.raises(LLMConnectionError, match=r"timed out \(deadline of 0.5 s reached after 1 attempts\)"):
+        fast_client(server, timeout_s=0.3, deadline_s=0.5, backoff_base_s=0.5, backoff_max_s=0.5).complete(MESSAGES)
+    assert time.monotonic() - start < 1.0
+    server.script(Behaviour.rate_limited(retry_after_s=5.0))
+    with pytest.raises(LLMHTTPError, match="deadline of 1 s reached"):
+        fast_client(server, deadline_s=1.0, max_retry_after_s=10.0).complete(MESSAGES)
+
+
+def test_retry_budget_is_shared_by_a_batch(server):
+    server.script(*[Behaviour.error(500)] * 20)
+    conversations = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+    with pytest.raises(LLMHTTPError, match="HTTP 500") as info:
+        fast_client(server, max_retries=5, retry_budget=2, max_concurrency=1).complete_batch(conversations)
+    assert len(server.requests) == 4 + 2
+    assert all("retry budget spent" in str(e) for e in info.value.results)
 
 
 ADD_SPEC = {"type": "function", "function": {"name": "add", "description": "Adds.", "parameters": {
@@ -265,7 +315,7 @@ def test_assistant_turns_rejects_unconvertible_conversations(server):
                       "tool_calls": [{"function": {"name": "f", "arguments": "[1, 2]"}}]}]
     with pytest.raises(LLMClientError, match=r"tool_calls\[0\]: field 'arguments' must be a JSON object"):
         fast_client(server).assistant_turns([bad_arguments])
-    assert len(server.requests) == 1  # Only the first conversation of the first batch was sent.
+    assert len(server.requests) == 2  # The convertible conversations of the first batch were sent.
 
 
 def test_openai_messages_answer_calls_by_id_and_convert_glm4_native_calls(server):

@@ -14,7 +14,7 @@ from flax import nnx
 
 import glmjax
 from glmjax.models import KVCache, create_model, flat_params, preset
-from glmjax.models.decoder import unstack_layers
+from glmjax.models.decoder import pad_features, unstack_layers
 from glmjax.models.rotary import apply_rotary, rotary_angles
 from hf_models import make_hf_model
 
@@ -214,3 +214,28 @@ def test_attention_backends_match_xla(backend):
 
 def test_env_sees_eight_devices():
     assert len(jax.devices()) == 8, os.environ.get("XLA_FLAGS")
+
+
+def test_pad_features_keeps_logits_and_cached_decoding():
+    # Row strides of 2 KiB (hidden 512, 2 x MLP 256, vocabulary 512 in fp32) get padded.
+    config = preset("glm4-tiny").replace(hidden_size=512, intermediate_size=256)
+    model = unstack_layers(create_model(config, seed=17))
+    padded = pad_features(model)
+    layer = padded.layers[0]
+    assert layer.attention.o_kernel[...].shape == (4, 32, 576)
+    assert layer.mlp.gate_up_kernel[...].shape == (512, 2, 288)
+    assert layer.mlp.down_kernel[...].shape == (288, 576)
+    assert padded.lm_head[...].shape == (512, 576)
+    assert model.layers[0].mlp.down_kernel[...].shape == (256, 512)  # the argument is unchanged
+    ids = jnp.asarray(np.random.default_rng(18).integers(0, 512, size=(2, 9)))
+    np.testing.assert_allclose(np.asarray(padded(ids)), np.asarray(model(ids)), atol=1e-5)
+    caches = [KVCache.create(config, batch=2, max_len=16, stacked=False) for _ in range(2)]
+    for step in range(3):
+        outputs = []
+        for index, m in enumerate((model, padded)):
+            logits, caches[index] = m.forward_with_cache(ids[:, step:step + 1], caches[index])
+            outputs.append(np.asarray(logits))
+        assert outputs[1].shape == (2, 1, 512)
+        np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-5)
+    with pytest.raises(ValueError, match="per-layer"):
+        pad_features(create_model(config, seed=17))

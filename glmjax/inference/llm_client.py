@@ -13,6 +13,16 @@ assistant tool call is an assistant message with ``tool_calls: [{"id"?, "functio
 "arguments": dict | JSON str}}]`` answered by the ``tool`` messages that follow it (by
 ``tool_call_id``, else in order).  A generated turn comes back parsed
 (:class:`AssistantTurn.reply`), so callers need no model-specific text convention.
+
+The batch contract, for every client (``tests/test_llm_client_contract.py`` runs one suite against
+the local engine and against ``launch.serve``):
+
+* **per-item seeds**: with ``SamplingParams.seed = s``, item ``i`` of a batch samples with seed
+  ``s + i`` (so K copies of a conversation give K different samples, reproducibly); with
+  ``seed=None`` each call draws fresh randomness.
+* **per-item results**: every item is attempted; when some fail, the call raises the failure of
+  the lowest index (``batch_index`` set) and its ``results`` holds, in input order, the result of
+  every item that succeeded and the :class:`LLMClientError` of every one that failed.
 """
 
 from __future__ import annotations
@@ -113,7 +123,7 @@ class AssistantTurn:
 
 
 class LLMClient(abc.ABC):
-    """Generates assistant text for chat conversations."""
+    """Generates assistant text for chat conversations (batch contract: module docstring)."""
 
     @abc.abstractmethod
     def complete(self, messages: Sequence[Message], sampling: SamplingParams | None = None) -> str:
@@ -123,7 +133,13 @@ class LLMClient(abc.ABC):
     def complete_batch(
         self, conversations: Sequence[Sequence[Message]], sampling: SamplingParams | None = None
     ) -> list[str]:
-        """Return one reply per conversation, in the order given."""
+        """Return one reply per conversation, in the order given; item ``i`` samples with
+        ``seed + i``.
+
+        Raises:
+          LLMClientError: the lowest-index failure, with ``batch_index`` and ``results`` (every
+            item's reply or error) set.
+        """
 
     @abc.abstractmethod
     def assistant_turns(
@@ -142,11 +158,13 @@ class LLMClient(abc.ABC):
             none.
 
         Returns:
-          One :class:`AssistantTurn` per conversation, with its parsed reply.
+          One :class:`AssistantTurn` per conversation, with its parsed reply; conversation ``i``
+          samples with ``sampling.seed + i``.
 
         Raises:
-          LLMClientError: a turn could not be generated (``batch_index`` names the conversation
-            where the implementation knows it).
+          LLMClientError: a turn could not be generated: the lowest-index failure, with
+            ``batch_index`` and ``results`` (every conversation's turn or error) set; or a failure
+            of the whole call (e.g. tools a format cannot parse), without them.
         """
 
 
@@ -157,7 +175,9 @@ class LLMClientError(RuntimeError):
       status: HTTP status of the failing reply, if there was one.
       retryable: whether another attempt might succeed.
       retry_after_s: the server's ``Retry-After`` hint, in seconds.
-      batch_index: for :meth:`LLMClient.complete_batch`, the failing conversation.
+      batch_index: for a batch call, the failing conversation.
+      results: for a batch call, every item's outcome in input order: its result, or its
+        :class:`LLMClientError` (this one at ``batch_index``).
     """
 
     def __init__(
@@ -173,6 +193,7 @@ class LLMClientError(RuntimeError):
         self.retryable = retryable
         self.retry_after_s = retry_after_s
         self.batch_index: int | None = None
+        self.results: list[Any] | None = None
 
 
 class LLMHTTPError(LLMClientError):
@@ -187,8 +208,39 @@ class LLMResponseError(LLMClientError):
     """The server answered 200 with a body that is not a usable completion."""
 
 
-class _Skipped(Exception):
-    """A batch request not started because an earlier one failed."""
+def item_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    """The sampling of batch item ``index``: seed ``seed + index`` (unchanged without a seed)."""
+    return sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + index)
+
+
+def raise_item_failures(outcomes: list[Any]) -> None:
+    """Raises the lowest-index :class:`LLMClientError` of a batch's ``outcomes`` (results and
+    errors in input order), with ``batch_index`` and ``results`` set; returns when none failed."""
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, LLMClientError):
+            for position, other in enumerate(outcomes):
+                if isinstance(other, LLMClientError):
+                    other.batch_index = position
+            outcome.results = outcomes
+            raise outcome
+
+
+class _RetryBudget:
+    """Retries one batch call may still spend, over all its items (None: unlimited)."""
+
+    def __init__(self, retries: int | None) -> None:
+        self._left = retries
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """Spends one retry; False when none is left."""
+        with self._lock:
+            if self._left is None:
+                return True
+            if self._left <= 0:
+                return False
+            self._left -= 1
+            return True
 
 
 class OpenAIHTTPClient(LLMClient):
@@ -206,11 +258,18 @@ class OpenAIHTTPClient(LLMClient):
       api_key_env: name of an environment variable holding the token (it must
         be set if given).  Without either, no ``Authorization`` header is sent.
       timeout_s: socket timeout for connecting and for each read of one attempt.
-      max_retries: extra attempts after a connection error, timeout, 429, 5xx
+      max_retries: extra attempts per request after a connection error, timeout, 408, 429, 5xx
         or malformed reply; other 4xx replies fail at once.
       backoff_base_s, backoff_max_s: retry ``n`` waits a random time between
         half and all of ``min(backoff_max_s, backoff_base_s * 2**(n-1))``, and
-        at least the server's ``Retry-After`` (capped at ``backoff_max_s``).
+        at least the server's ``Retry-After``, honoured up to ``max_retry_after_s``.
+      max_retry_after_s: the longest ``Retry-After`` wait honoured (longer hints wait this long).
+      deadline_s: per-request deadline over all its attempts and waits (None: none); an attempt
+        reads with at most the time left, and a retry whose wait would end past the deadline is
+        not made (the last failure is raised, saying so).
+      retry_budget: retries one call may spend over all its items together (None: only
+        ``max_retries`` per item), so that a failing server is not sent ``items * max_retries``
+        extra requests.
       max_concurrency: requests in flight at once in :meth:`complete_batch` and
         :meth:`assistant_turns`.
       use_env_proxy: honour ``http_proxy``/``https_proxy``/``no_proxy``.
@@ -227,18 +286,26 @@ class OpenAIHTTPClient(LLMClient):
         max_retries: int = 4,
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 30.0,
+        max_retry_after_s: float = 60.0,
+        deadline_s: float | None = None,
+        retry_budget: int | None = None,
         max_concurrency: int = 16,
         use_env_proxy: bool = True,
     ) -> None:
-        if timeout_s <= 0 or max_retries < 0 or backoff_base_s < 0 or max_concurrency < 1:
-            raise ValueError("timeout_s must be > 0, max_retries and backoff_base_s >= 0, "
-                             "max_concurrency >= 1")
+        if (timeout_s <= 0 or max_retries < 0 or backoff_base_s < 0 or max_retry_after_s < 0
+                or max_concurrency < 1 or (deadline_s is not None and deadline_s <= 0)
+                or (retry_budget is not None and retry_budget < 0)):
+            raise ValueError("timeout_s and deadline_s must be > 0; max_retries, backoff_base_s, "
+                             "max_retry_after_s and retry_budget >= 0; max_concurrency >= 1")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
+        self.max_retry_after_s = max_retry_after_s
+        self.deadline_s = deadline_s
+        self.retry_budget = retry_budget
         self.max_concurrency = max_concurrency
         if api_key is None and api_key_env is not None:
             api_key = os.environ.get(api_key_env)
@@ -254,19 +321,25 @@ class OpenAIHTTPClient(LLMClient):
     def complete(self, messages: Sequence[Message], sampling: SamplingParams | None = None) -> str:
         """Return the reply text to ``messages`` (sent as :func:`to_openai_messages` converts them),
         retrying transient failures; raise :class:`LLMClientError`."""
-        return self._post(self._payload(messages, sampling or SamplingParams()), _reply_text)
+        return self._post(self._payload(messages, sampling or SamplingParams()), _reply_text,
+                          _RetryBudget(self.retry_budget))
 
     def complete_batch(
         self, conversations: Sequence[Sequence[Message]], sampling: SamplingParams | None = None
     ) -> list[str]:
         """Complete each conversation concurrently (at most ``max_concurrency`` at once).
 
-        Results keep the input order.  If any conversation fails, requests not yet
-        started are cancelled and the failure of the lowest index is raised, with
-        its ``batch_index`` set.
+        Results keep the input order; conversation ``i`` is sent with seed ``seed + i``.  Every
+        conversation is attempted (with its own retries, all within ``retry_budget``); if any
+        fails, the failure of the lowest index is raised with ``batch_index`` set and
+        ``results`` holding every conversation's reply or error.
         """
-        return self._map_concurrently(lambda messages: self.complete(messages, sampling),
-                                      conversations)
+        sampling = sampling or SamplingParams()
+        budget = _RetryBudget(self.retry_budget)
+        return self._map_concurrently(
+            lambda index, messages: self._post(self._payload(messages, item_sampling(sampling, index)),
+                                               _reply_text, budget),
+            conversations)
 
     def assistant_turns(
         self,
@@ -276,7 +349,7 @@ class OpenAIHTTPClient(LLMClient):
     ) -> list[AssistantTurn]:
         """The next assistant turn of each conversation, requested concurrently.
 
-        Requests go out and fail as in :meth:`complete_batch`.  Each conversation is sent in the
+        Requests go out, are seeded and fail as in :meth:`complete_batch`.  Each conversation is sent in the
         OpenAI format (:func:`to_openai_messages`) with ``tools`` as the request's ``"tools"``
         (only when given, each in the OpenAI function form: a GLM-4 All Tools built-in such as
         ``python`` is sent as the function it is registered as); the server applies the chat
@@ -299,41 +372,29 @@ class OpenAIHTTPClient(LLMClient):
             specs = [function_tool(tool, index) for index, tool in enumerate(tools or [])]
         except ChatFormatError as err:
             raise LLMClientError(str(err)) from err
+        budget = _RetryBudget(self.retry_budget)
         return self._map_concurrently(
-            lambda messages: self._post(self._payload(messages, sampling, specs), _reply_turn),
+            lambda index, messages: self._post(self._payload(messages, item_sampling(sampling, index), specs),
+                                               _reply_turn, budget),
             conversations)
 
-    def _map_concurrently(self, function: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
-        """``[function(item) for item in items]``, run as :meth:`complete_batch` describes."""
+    def _map_concurrently(self, function: Callable[[int, _T], _R], items: Sequence[_T]) -> list[_R]:
+        """``[function(index, item) for index, item in enumerate(items)]``, concurrently; failures
+        are collected and raised as :meth:`complete_batch` describes (an exception that is not an
+        :class:`LLMClientError` is a bug and is raised as is)."""
         if not items:
             return []
         workers = min(self.max_concurrency, len(items))
-        failed = threading.Event()
-
-        def run(item: _T) -> _R:
-            # Items are started in index order, so every one skipped here has a higher index
-            # than the failure that set the event.
-            if failed.is_set():
-                raise _Skipped()
-            try:
-                return function(item)
-            except BaseException:
-                failed.set()
-                raise
-
-        executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="llm-client")
-        try:
-            futures = [executor.submit(run, item) for item in items]
-            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
-        finally:
-            executor.shutdown(wait=True, cancel_futures=True)
-        for index, future in enumerate(futures):
-            error = None if future.cancelled() else future.exception()
-            if error is not None and not isinstance(error, _Skipped):
-                if isinstance(error, LLMClientError):
-                    error.batch_index = index
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="llm-client") as executor:
+            futures = [executor.submit(function, index, item) for index, item in enumerate(items)]
+        outcomes: list[Any] = []
+        for future in futures:
+            error = future.exception()
+            if error is not None and not isinstance(error, LLMClientError):
                 raise error
-        return [future.result() for future in futures]
+            outcomes.append(future.result() if error is None else error)
+        raise_item_failures(outcomes)
+        return outcomes
 
     def _payload(
         self,
@@ -364,38 +425,51 @@ class OpenAIHTTPClient(LLMClient):
                                 for tool in tools]
         return payload
 
-    def _post(self, payload: Mapping[str, Any], parse: Callable[[bytes, str], _T]) -> _T:
-        """POST ``payload`` and ``parse(body, url)`` the reply, retrying transient failures."""
+    def _post(self, payload: Mapping[str, Any], parse: Callable[[bytes, str], _T], budget: _RetryBudget) -> _T:
+        """POST ``payload`` and ``parse(body, url)`` the reply, retrying transient failures within
+        ``max_retries``, ``budget`` and ``deadline_s``."""
         body = json.dumps(payload).encode()
+        deadline = None if self.deadline_s is None else time.monotonic() + self.deadline_s
         attempt = 1
         while True:
             try:
-                return parse(self._attempt(body), self.url)
+                timeout = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
+                if timeout <= 0:
+                    raise LLMConnectionError(f"POST {self.url}: the deadline of {self.deadline_s:g} s passed")
+                return parse(self._attempt(body, timeout), self.url)
             except LLMClientError as error:
+                wait = self._backoff_s(attempt, error.retry_after_s)
+                reason = None
                 if not error.retryable or attempt > self.max_retries:
-                    if attempt > 1:
-                        error.args = (f"{error.args[0]} (gave up after {attempt} attempts)",)
+                    reason = "gave up"
+                elif deadline is not None and time.monotonic() + wait >= deadline:
+                    reason = f"deadline of {self.deadline_s:g} s reached"
+                elif not budget.take():
+                    reason = "retry budget spent"
+                if reason is not None:
+                    if attempt > 1 or reason != "gave up":
+                        error.args = (f"{error.args[0]} ({reason} after {attempt} attempts)",)
                     raise
-                time.sleep(self._backoff_s(attempt, error.retry_after_s))
+                time.sleep(wait)
                 attempt += 1
 
     def _backoff_s(self, retry: int, retry_after_s: float | None) -> float:
         ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (retry - 1))
         delay = self._random.uniform(ceiling / 2, ceiling)
         if retry_after_s is not None:
-            delay = max(delay, min(retry_after_s, self.backoff_max_s))
+            delay = max(delay, min(retry_after_s, self.max_retry_after_s))
         return delay
 
-    def _attempt(self, body: bytes) -> bytes:
+    def _attempt(self, body: bytes, timeout_s: float) -> bytes:
         """One POST returning the reply body; every failure is a (non-)retryable error."""
         request = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
         try:
-            with self._opener.open(request, timeout=self.timeout_s) as response:
+            with self._opener.open(request, timeout=timeout_s) as response:
                 return response.read()
         except urllib.error.HTTPError as error:
             status = error.code
             detail = _read_error_body(error)
-            retryable = status == 429 or status >= 500
+            retryable = status in (408, 429) or status >= 500
             raise LLMHTTPError(
                 f"POST {self.url} returned HTTP {status}: {detail}",
                 status=status,
@@ -520,8 +594,14 @@ def _reply_turn(raw: bytes, url: str) -> AssistantTurn:
 
 
 def _read_error_body(error: urllib.error.HTTPError) -> str:
+    """The reply's OpenAI-style ``error.message`` when it has one, else an excerpt of the body."""
     try:
-        return _excerpt(error.read())
+        raw = error.read()
+        try:
+            message = json.loads(raw)["error"]["message"]
+        except (ValueError, TypeError, KeyError):
+            return _excerpt(raw)
+        return message if isinstance(message, str) else _excerpt(raw)
     except (OSError, http.client.HTTPException) as read_error:
         return f"(body unreadable: {read_error!r})"
     finally:

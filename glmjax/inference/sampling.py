@@ -12,9 +12,12 @@ Log-probabilities (``logprob_mode``):
   over a completion it is the log-probability of drawing that completion.
 * ``"raw"``: the log-softmax of the unmodified model logits (what a trainer's forward pass at
   temperature 1 computes).
+* ``"scaled"``: the log-softmax of ``logits / temperature``, before top-k / top-p / min-p (what a
+  trainer's forward pass at the sampling temperature computes: the behaviour policy's
+  log-probability in an importance ratio, defined for every token, filtered or not).
 
 Greedy decoding (``temperature == 0``) has no sampling distribution; it always reports the raw
-log-softmax, in both modes.
+log-softmax, in every mode.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import jax.numpy as jnp
 
 from glmjax.inference.llm_client import SamplingParams
 
-LogprobMode = Literal["processed", "raw"]
+LogprobMode = Literal["processed", "raw", "scaled"]
+LOGPROB_MODES: tuple[str, ...] = ("processed", "raw", "scaled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +164,7 @@ def select_tokens(
       keys: PRNG keys [batch], one per row, so a row's draw does not depend on the others
         (unused when ``greedy``).
       values, top_k, use_top_p: see :func:`process_logits`; ``greedy`` = argmax of the raw logits.
-      logprob_mode: "processed" or "raw" (module docstring).
+      logprob_mode: "processed", "raw" or "scaled" (module docstring).
 
     Returns:
       (tokens int32 [batch], logprobs fp32 [batch]).
@@ -173,7 +177,10 @@ def select_tokens(
         processed = process_logits(logits, values, top_k=top_k, use_top_p=use_top_p)
         gumbel = jax.vmap(lambda key: jax.random.gumbel(key, processed.shape[-1:]))(keys)
         tokens = first_argmax(processed + gumbel)
-        scored = processed if logprob_mode == "processed" else logits
+        if logprob_mode == "processed":
+            scored = processed
+        else:
+            scored = logits / values[0] if logprob_mode == "scaled" else logits
     return tokens, token_logprobs(scored, tokens)
 
 

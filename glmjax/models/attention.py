@@ -64,6 +64,99 @@ def xla_attention(
     return out.reshape(batch, seq_q, heads, head_dim).astype(q.dtype)
 
 
+CACHE_AXES: sharding.LogicalAxes = ("cache_batch", "cache_kv_heads", "cache_seq", "cache_head_dim")
+"""Logical axes of one layer's heads-major KV cache [batch, kv_heads, max_len, head_dim]; a
+stacked cache adds a leading ``layers`` axis (see the ``cache_*`` rules in ``glmjax.sharding``)."""
+
+
+def cache_spec(shape: tuple[int, ...], mesh: jax.sharding.AbstractMesh | jax.sharding.Mesh) -> PartitionSpec:
+    """``PartitionSpec`` of a KV cache of ``shape`` ([batch, kv_heads, max_len, head_dim], or with
+    a leading layers axis) on ``mesh`` under the active rules.
+
+    By default KV heads go over the tensor axis when they divide it; otherwise the cache
+    sequence takes the tensor axis (GLM-4-9B: 2 KV heads, tensor parallelism 8 -> each shard
+    holds 1/8 of every row's positions).
+    """
+    axes = CACHE_AXES if len(shape) == 4 else ("layers", *CACHE_AXES)
+    return sharding.logical_to_spec(axes, shape, mesh)
+
+
+def _axis_names(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _ambient_mesh() -> jax.sharding.AbstractMesh | None:
+    """The ambient (``jax.set_mesh``) mesh, or None when there is none or it has one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or math.prod(mesh.axis_sizes) == 1 else mesh
+
+
+def _write_local(cache: jax.Array, new: jax.Array, starts: jax.Array, layer: jax.Array | None) -> jax.Array:
+    """Scatters new [batch, t, kv_heads, head_dim] into cache [batch, kv_heads, len, head_dim]
+    (``layer`` None) or into slot ``layer`` of [layers, batch, kv_heads, len, head_dim], token i
+    of row b at position ``starts[b] + i``; positions outside [0, len) are dropped."""
+    batch, t = new.shape[:2]
+    length = cache.shape[-2]
+    rows = jnp.arange(batch)[:, None]
+    columns = starts[:, None] + jnp.arange(t)[None]
+    # Negative indices would wrap around: send them past the end, where "drop" discards them.
+    columns = jnp.where(columns < 0, length, columns)
+    index = (rows, slice(None), columns) if layer is None else (layer, rows, slice(None), columns)
+    return cache.at[index].set(new.astype(cache.dtype), mode="drop")
+
+
+def write_cache(cache: jax.Array, new: jax.Array, starts: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+    """Writes new keys or values into a heads-major cache at per-row offsets.
+
+    Only the new entries are written (the cache is a loop carry, updated in place). Under a
+    multi-device mesh the write runs per shard (``shard_map``, cache laid out by
+    ``cache_spec``): each shard writes the positions it holds, with no gather of the cache.
+
+    Args:
+      cache: [batch, kv_heads, max_len, head_dim], or [layers, batch, kv_heads, max_len,
+        head_dim] with ``layer`` the slot (int32 scalar) to write.
+      new: [batch, t, kv_heads, head_dim]; token i of row b goes to position ``starts[b] + i``.
+      starts: int32 [batch]. Positions past ``max_len`` are dropped (never wrapped or clamped).
+
+    Returns:
+      The updated cache (same shape, dtype and layout).
+    """
+    mesh = _ambient_mesh()
+    if mesh is None:
+        return _write_local(cache, new, starts, layer)
+    spec = cache_spec(cache.shape, mesh)
+    batch_axes, head_axes, seq_axes = spec[-4], spec[-3], _axis_names(spec[-2])
+    stacked = layer is not None
+
+    def local(cache, new, starts, layer):
+        first = jax.lax.axis_index(seq_axes) * cache.shape[-2] if seq_axes else 0
+        return _write_local(cache, new, starts - first, layer if stacked else None)
+
+    return jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(spec, PartitionSpec(batch_axes, None, head_axes, None), PartitionSpec(batch_axes),
+                  PartitionSpec()),
+        out_specs=spec, check_vma=False,
+    )(cache, new, starts, layer if stacked else jnp.int32(0))
+
+
+def _cache_logits(
+    q: jax.Array, k: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
+    q_offsets: jax.Array, kv_start: jax.Array | int,
+) -> jax.Array:
+    """Masked fp32 logits [b, kv_heads, groups, t, s] of grouped queries q [b, t, kv_heads, groups,
+    h] against cache keys k [b, kv_heads, s, h] that hold positions ``kv_start + arange(s)``."""
+    logits = jnp.einsum(
+        "btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32
+    ) * (1.0 / math.sqrt(q.shape[-1]))
+    q_positions = q_offsets[:, None, None] + jnp.arange(q.shape[1])[None, :, None]
+    kv_positions = kv_start + jnp.arange(k.shape[2])[None, None, :]
+    mask = ((kv_positions <= q_positions)
+            & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+            & (kv_segment_ids != 0)[:, None, :])
+    return jnp.where(mask[:, None, None], logits, _MASK_VALUE)
+
+
 def cached_attention(
     q: jax.Array,
     k: jax.Array,
@@ -88,15 +181,62 @@ def cached_attention(
     """
     batch, seq_q, heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    q = q.reshape(batch, seq_q, kv_heads, heads // kv_heads, head_dim)
-    logits = jnp.einsum(
-        "btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32
-    ) * (1.0 / math.sqrt(head_dim))
-    mask = attention_mask(q_segment_ids, kv_segment_ids, q_offsets)
-    logits = jnp.where(mask[:, :, None], logits, _MASK_VALUE)
+    grouped = q.reshape(batch, seq_q, kv_heads, heads // kv_heads, head_dim)
+    logits = _cache_logits(grouped, k, q_segment_ids, kv_segment_ids, q_offsets, 0)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksh->bkgth", probs, v, preferred_element_type=jnp.float32)
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq_q, heads, head_dim).astype(q.dtype)
+
+
+def decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    q_offsets: jax.Array,
+) -> jax.Array:
+    """``cached_attention`` for a cache laid out by ``cache_spec`` under the ambient mesh.
+
+    When the cache sequence is sharded (KV heads fewer than tensor shards, or a sequence axis),
+    every shard attends over the positions it holds with all query heads of its rows, and the
+    shards' partial softmaxes are combined exactly (split-K: max, then sums of the rescaled
+    numerators and denominators over the sequence axes). Queries [batch, seq_q, heads,
+    head_dim] are gathered over the tensor axis for this (they are small); the output comes
+    back the same on every sequence shard. Otherwise (one device, or a cache split only by
+    batch and KV heads) it is ``cached_attention``, partitioned by XLA.
+
+    Args and returns: as ``cached_attention``.
+    """
+    mesh = _ambient_mesh()
+    spec = None if mesh is None else cache_spec(k.shape, mesh)
+    if spec is None or spec[2] is None:
+        return cached_attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                                q_offsets=q_offsets)
+    batch, seq_q, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    seq_axes = _axis_names(spec[2])
+    grouped = q.reshape(batch, seq_q, kv_heads, heads // kv_heads, head_dim)
+
+    def local(q, k, v, q_seg, kv_seg, q_offsets):
+        kv_start = jax.lax.axis_index(seq_axes) * k.shape[2]
+        logits = _cache_logits(q, k, q_seg, kv_seg, q_offsets, kv_start)
+        top = jax.lax.pmax(jnp.max(logits, axis=-1, keepdims=True), seq_axes)
+        unnormalised = jnp.exp(logits - top)
+        total = jax.lax.psum(jnp.sum(unnormalised, axis=-1), seq_axes)  # [b, k, g, t]
+        out = jnp.einsum("bkgts,bksh->btkgh", unnormalised.astype(v.dtype), v,
+                         preferred_element_type=jnp.float32)
+        return jax.lax.psum(out, seq_axes) / total.transpose(0, 3, 1, 2)[..., None]
+
+    q_spec = PartitionSpec(spec[0], None, spec[1], None, None)
+    out = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(q_spec, spec, spec, PartitionSpec(spec[0], None), PartitionSpec(spec[0], spec[2]),
+                  PartitionSpec(spec[0])),
+        out_specs=q_spec, check_vma=False,
+    )(grouped, k, v, q_segment_ids, kv_segment_ids, q_offsets)
+    return out.reshape(batch, seq_q, heads, head_dim).astype(q.dtype)
 
 
 def blockwise_attention(
