@@ -5,4 +5,5 @@ from glmjax.data import factories  # noqa: F401  (lm_data, tokenizer, synthetic_
 from glmjax.evals import synthetic_task  # noqa: F401  (ArithmeticExactMatch)
 from glmjax.models import config  # noqa: F401  (ModelConfig, preset)
 from glmjax.objectives import lm  # noqa: F401  (LMObjective)
+from glmjax.objectives import alpha, distill  # noqa: F401  (DistillObjective, alpha schedules)
 from glmjax.training import optimizer, trainer  # noqa: F401  (schedule, adamw, train)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,22 +39,31 @@ def chunked_cross_entropy(
       (loss [batch, seq] fp32 in nats including z-loss, correct [batch, seq] bool: the target
       has the largest logit, i.e. argmax == target up to exact ties).
     """
-    batch, seq, embed = hidden.shape
+    seq = hidden.shape[1]
     chunk = min(chunk_size, seq)
+    hidden_chunks = to_sequence_chunks(hidden, chunk)
+    target_chunks = to_sequence_chunks(targets.astype(jnp.int32), chunk)
+    losses, correct = _chunked_loss(hidden_chunks, head_kernel, target_chunks, z_loss)
+    return from_sequence_chunks(losses, seq), from_sequence_chunks(correct, seq)
+
+
+def to_sequence_chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """[batch, seq, ...] -> [num_chunks, batch, chunk, ...], the sequence zero-padded up to a
+    multiple of ``chunk``."""
+    batch, seq = x.shape[:2]
     pad = (-seq) % chunk
     if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    num_chunks = (seq + pad) // chunk
-    hidden_chunks = hidden.reshape(batch, num_chunks, chunk, embed).swapaxes(0, 1)
-    target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1).astype(jnp.int32)
-    losses, correct = _chunked_loss(hidden_chunks, head_kernel, target_chunks, z_loss)
-    losses = losses.swapaxes(0, 1).reshape(batch, -1)[:, :seq]
-    correct = correct.swapaxes(0, 1).reshape(batch, -1)[:, :seq]
-    return losses, correct
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    return x.reshape(batch, (seq + pad) // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
 
 
-def _logits(h: jax.Array, kernel: jax.Array) -> jax.Array:
+def from_sequence_chunks(x: jax.Array, seq: int) -> jax.Array:
+    """[num_chunks, batch, chunk, ...] -> [batch, seq, ...] (the padding dropped)."""
+    x = x.swapaxes(0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :seq]
+
+
+def head_logits(h: jax.Array, kernel: jax.Array) -> jax.Array:
     """[b, c, e] x [e, v] -> fp32 [b, c, v]."""
     return jnp.einsum("bce,ev->bcv", h, kernel, preferred_element_type=jnp.float32)
 
@@ -67,7 +77,7 @@ def _chunk_forward(
     h: jax.Array, kernel: jax.Array, t: jax.Array, z_loss: float
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(loss, correct, log_z) of one chunk, each [b, c]."""
-    logits = _logits(h, kernel)
+    logits = head_logits(h, kernel)
     max_logit = jnp.max(logits, axis=-1)
     log_z = max_logit + jnp.log(jnp.sum(jnp.exp(logits - max_logit[..., None]), axis=-1))
     target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
@@ -96,10 +106,18 @@ def _chunk_grad(
     h: jax.Array, kernel: jax.Array, t: jax.Array, log_z: jax.Array, g: jax.Array, z_loss: float
 ) -> tuple[jax.Array, jax.Array]:
     """(kernel gradient fp32 [e, v], hidden gradient [b, c, e]) of one chunk for cotangent g [b, c]."""
-    logits = _logits(h, kernel)
+    logits = head_logits(h, kernel)
     # d(loss)/d(logits) = softmax * (1 + 2 z log_z) - one_hot(target)
     probs = jnp.exp(logits - log_z[..., None]) * (1.0 + 2.0 * z_loss * log_z)[..., None]
     logit_grad = (g[..., None] * (probs - _is_target(logits, t))).astype(h.dtype)
+    return head_matmul_gradients(h, kernel, logit_grad)
+
+
+def head_matmul_gradients(
+    h: jax.Array, kernel: jax.Array, logit_grad: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(kernel gradient fp32 [e, v], hidden gradient [b, c, e] in ``h.dtype``) of ``h @ kernel``
+    for the logit gradient [b, c, v] (in ``h.dtype``)."""
     h_grad = jnp.einsum("bcv,ev->bce", logit_grad, kernel, preferred_element_type=jnp.float32)
     # Sharded like the kernel: each device reduces its rows' contribution into its own shard
     # (reduce-scatter) instead of all-reducing a full fp32 [embed, vocab] buffer.
@@ -117,17 +135,30 @@ def _chunked_loss_bwd(
     def grad(h, t, lz, g):
         return _chunk_grad(h, kernel, t, lz, g, z_loss)
 
+    hidden_grad, kernel_grad = sum_head_gradients(grad, chunks, kernel)
+    return hidden_grad, kernel_grad, None
+
+
+def sum_head_gradients(
+    chunk_grad: Callable[..., tuple[jax.Array, jax.Array]], chunks: tuple, kernel: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Runs ``chunk_grad`` over the leading (chunk) axis of every array in ``chunks``.
+
+    ``chunk_grad(*one_chunk) -> (kernel gradient fp32 [embed, vocab], hidden gradient
+    [b, c, embed])``. Returns (hidden gradients stacked [num_chunks, b, c, embed], the kernel
+    gradient summed over chunks in ``kernel.dtype``).
+    """
     # The first chunk starts the kernel-gradient sum (no zero-filled [embed, vocab] buffer). The
     # fp32 sum is constrained like the kernel, so it is never a replicated [embed, vocab] buffer.
-    kernel_grad, first_hidden_grad = grad(*(x[0] for x in chunks))
+    kernel_grad, first_hidden_grad = chunk_grad(*(x[0] for x in chunks))
 
     def accumulate(total, inputs):
-        chunk_kernel_grad, hidden_grad = grad(*inputs)
+        chunk_kernel_grad, hidden_grad = chunk_grad(*inputs)
         return constrain(total + chunk_kernel_grad, _KERNEL_AXES), hidden_grad
 
     kernel_grad, hidden_grads = jax.lax.scan(accumulate, kernel_grad, tuple(x[1:] for x in chunks))
     hidden_grad = jnp.concatenate([first_hidden_grad[None], hidden_grads], axis=0)
-    return hidden_grad, kernel_grad.astype(kernel.dtype), None
+    return hidden_grad, kernel_grad.astype(kernel.dtype)
 
 
 _chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)
