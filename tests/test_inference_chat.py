@@ -212,7 +212,7 @@ def test_chat_session_keeps_history(tokenizer):
 
 
 def test_local_client_complete_and_stop_strings(tokenizer):
-    engine = ScriptedEngine(tokenizer, ["\nAnswer: 7. Done", 'add\n{"a": 1, "b": 2}', "\nplain"])
+    engine = ScriptedEngine(tokenizer, ["\nAnswer: 7. Done", 'add\n{"a": 1, "b": 2}', "\nplain", "\nkept"])
     client = LocalEngineClient(engine, tokenizer)
     assert client.complete([{"role": "user", "content": "?"}], SamplingParams(stop=(". ",))) == "Answer: 7"
     turns = client.assistant_turns([[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]])
@@ -222,6 +222,8 @@ def test_local_client_complete_and_stop_strings(tokenizer):
     with pytest.raises(LLMClientError, match="conversation 1: message 0: missing field 'role'") as info:
         client.complete_batch([[{"role": "user", "content": "a"}], [{"content": "b"}]])
     assert info.value.batch_index == 1
+    # Per-item results: the valid conversation was still answered.
+    assert info.value.results[0] == "kept" and isinstance(info.value.results[1], LLMClientError)
 
 
 def test_tool_calling_over_http(server, calculator):
