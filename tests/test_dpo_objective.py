@@ -221,6 +221,7 @@ def test_dpo_steps_raise_margin_and_accuracy(tmp_path, tokenizer, pair_paths, fa
     assert result.dropped_examples == 0
 
 
+@pytest.mark.slow
 def test_tr_dpo_hard_sync_makes_the_reference_the_policy(tmp_path, tokenizer, pair_paths, fast_schedule):
     train(model_dir=str(tmp_path / "run"), model_config=CONFIG, train_steps=3, log_every=1, checkpoint_every=100,
           mesh_shape=(8, 1, 1, 1), train_data=_pairs(tokenizer, pair_paths["train"]),

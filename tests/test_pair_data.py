@@ -163,6 +163,17 @@ def test_stored_reference_logps_follow_the_rows(tmp_path, tokenizer):
         list(data)
 
 
+def test_an_overlong_pair_needs_no_reference_log_probs(tmp_path, tokenizer):
+    records = [{"prompt": f"Q{i}", "chosen": "a", "rejected": "b", "ref_chosen_logp": -1.0,
+                "ref_rejected_logp": -2.0} for i in range(4)]
+    records.insert(1, {"prompt": "Q", "chosen": "a " * 80, "rejected": "b"})  # as precompute_ref writes it
+    data = _data(_write(tmp_path / "p.jsonl", records), tokenizer, ref_logps=True)
+    it = iter(data)
+    batches = [next(it) for _ in range(2)]
+    assert dropped_examples(it) == 1
+    np.testing.assert_array_equal(np.concatenate([b["ref_logps"] for b in batches]), np.float32([-1, -2] * 4))
+
+
 def test_rows_per_shard_must_hold_whole_pairs(tmp_path, tokenizer):
     path = _write(tmp_path / "p.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"}] * 4)
     with pytest.raises(ValueError, match="multiple of group_size"):

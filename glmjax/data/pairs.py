@@ -109,18 +109,22 @@ class PairEncoder:
 
     Args:
       tokenizer: the model's tokenizer (its chat format is used).
-      ref_logps: read ``ref_chosen_logp`` / ``ref_rejected_logp`` (required then).
+      ref_logps: read ``ref_chosen_logp`` / ``ref_rejected_logp`` (required then, except in pairs
+        longer than ``max_positions``, which ``launch.precompute_ref`` writes without them).
       prompt_template: how LongReward records' ``context`` and ``query`` become the user turn.
+      max_positions: the rows' ``seq_len``; a longer pair is returned without reference
+        log-probs (:func:`pair_rows` drops it). None: read them from every pair.
     """
 
     required_fields: tuple[str, ...] = ()
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, ref_logps: bool = False,
-                 prompt_template: str = LONG_REWARD_TEMPLATE):
+                 prompt_template: str = LONG_REWARD_TEMPLATE, max_positions: int | None = None):
         _settle(tokenizer)
         self.chat_format = chat_format_for(tokenizer)
         self.ref_logps = ref_logps
         self.prompt_template = prompt_template
+        self.max_positions = max_positions
 
     def _prompt_and_completions(self, record: Mapping[str, Any]) -> tuple[list, dict, dict]:
         if not isinstance(record, Mapping):
@@ -164,17 +168,17 @@ class PairEncoder:
         prompt_ids = self.chat_format.prompt_ids(prompt, tools)
         chosen_ids, chosen_mask = self._encode(prompt, chosen, tools, prompt_ids, "chosen")
         rejected_ids, rejected_mask = self._encode(prompt, rejected, tools, prompt_ids, "rejected")
-        ref = None
-        if self.ref_logps:
-            values = []
-            for field in (REF_CHOSEN_FIELD, REF_REJECTED_FIELD):
-                value = record.get(field)
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-                    raise ValueError(f"field {field!r} must be a finite number (run launch.precompute_ref), "
-                                     f"got {value!r}")
-                values.append(value)
-            ref = np.asarray(values, np.float32)
-        return PairExample(chosen_ids, chosen_mask, rejected_ids, rejected_mask, ref)
+        example = PairExample(chosen_ids, chosen_mask, rejected_ids, rejected_mask)
+        if not self.ref_logps or (self.max_positions is not None and example.positions() > self.max_positions):
+            return example
+        values = []
+        for field in (REF_CHOSEN_FIELD, REF_REJECTED_FIELD):
+            value = record.get(field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise ValueError(f"field {field!r} must be a finite number (run launch.precompute_ref), "
+                                 f"got {value!r}")
+            values.append(value)
+        return dataclasses.replace(example, ref_logps=np.asarray(values, np.float32))
 
 
 def _row(ids: np.ndarray, mask: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
@@ -296,7 +300,8 @@ def pair_data(
     (:func:`pair_dataset`; ``global_batch_size`` counts rows, two per pair). With ``ref_logps``
     the records' stored reference log-probs become the ``ref_logps`` key
     (``DPOObjective.reference = "precomputed"``)."""
-    encoder = PairEncoder(tokenizer, ref_logps=ref_logps, prompt_template=prompt_template)
+    encoder = PairEncoder(tokenizer, ref_logps=ref_logps, prompt_template=prompt_template,
+                          max_positions=seq_len)
     return pair_dataset(
         JsonlSource(paths), encoder, seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
         shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
