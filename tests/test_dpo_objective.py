@@ -232,3 +232,23 @@ def test_tr_dpo_hard_sync_makes_the_reference_the_policy(tmp_path, tokenizer, pa
     assert rows[2]["reward_margin"] != 0
     np.testing.assert_allclose(rows[3]["dpo_loss"], np.log(2.0), rtol=1e-5)
     assert abs(rows[3]["reward_margin"]) < 1e-6
+
+
+def test_the_experiment_configs_parse_and_build(tmp_path, tokenizer):
+    from launch.train import parse_gin
+
+    for extra in ([], ["configs/experiments/dpo_arithmetic_precomputed.gin"]):
+        parse_gin(["configs/experiments/dpo_arithmetic.gin", *extra],
+                  [f"PAIRS_DIR = '{tmp_path}'", "synthetic_arithmetic_pairs_file.num_train = 40",
+                   "synthetic_arithmetic_pairs_file.num_eval = 8", f"tokenizer.cache_dir = '{tmp_path}/tok'"])
+        try:
+            objective = DPOObjective()
+            assert (objective.beta, objective.sft_weight, objective.loss_type) == (0.1, 0.1, "sigmoid")
+            assert objective.reference == ("precomputed" if extra else "policy")
+            if not extra:
+                with gin.config_scope("train"):
+                    data = pair_data(seed=0, process_index=0, process_count=1)
+                batch = next(iter(data))
+                assert batch["inputs"].shape == (32, 128) and data.batch_spec.group_size == 2
+        finally:
+            gin.clear_config()
