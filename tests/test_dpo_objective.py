@@ -243,7 +243,7 @@ def test_the_experiment_configs_parse_and_build(tmp_path, tokenizer):
                    "synthetic_arithmetic_pairs_file.num_eval = 8", f"tokenizer.cache_dir = '{tmp_path}/tok'"])
         try:
             objective = DPOObjective()
-            assert (objective.beta, objective.sft_weight, objective.loss_type) == (0.1, 0.1, "sigmoid")
+            assert (objective.beta, objective.sft_weight, objective.loss_type) == (0.1, 1.0, "sigmoid")
             assert objective.reference == ("precomputed" if extra else "policy")
             if not extra:
                 with gin.config_scope("train"):
