@@ -139,12 +139,18 @@ def test_teacher_with_another_vocabulary_is_refused():
         objective.frozen_state(_context(abstract=True))
 
 
-def test_teacher_from_orbax_and_mismatched_config_refused(tmp_path):
+def test_teacher_from_orbax_and_hf_and_mismatched_config_refused(tmp_path):
     teacher = _teacher_model(5)
     save_model(teacher, str(tmp_path / "teacher"))
     objective = DistillObjective(mode="online", teacher=TEACHER, teacher_orbax_dir=str(tmp_path / "teacher"))
     frozen = objective.frozen_state(_context())
     for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(nnx.to_pure_dict(nnx.state(teacher, nnx.Param)))):
+        np.testing.assert_array_equal(a, b)
+    from glmjax.checkpoints import save_pretrained
+
+    save_pretrained(teacher, str(tmp_path / "teacher_hf"))
+    from_hf = DistillObjective(mode="online", teacher=TEACHER, teacher_hf_dir=str(tmp_path / "teacher_hf"))
+    for a, b in zip(jax.tree.leaves(from_hf.frozen_state(_context())), jax.tree.leaves(frozen)):
         np.testing.assert_array_equal(a, b)
     wrong = DistillObjective(mode="online", teacher=TEACHER.replace(rope_theta=500.0),
                              teacher_orbax_dir=str(tmp_path / "teacher"))
