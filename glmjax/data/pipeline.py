@@ -550,3 +550,19 @@ def make_lm_dataset(
                      tfds_split=tfds_split, tfds_data_dir=tfds_data_dir)
     overlong = DEFAULT_OVERLONG[data_format] if overlong is None else overlong
     return lm_dataset(source, encoder, overlong=overlong, **pipeline_kwargs)
+
+
+def record_encoder(
+    data_format: DataFormat, tokenizer: PreTrainedTokenizerBase | None = None, field: str | None = None
+) -> Callable[[Any], Example]:
+    """The encoder :func:`make_lm_dataset` uses for ``data_format`` (records -> examples), for
+    tools that must tokenize a corpus exactly as the trainer does (``launch.dump_logits``)."""
+    return _encoder(data_format, tokenizer, field)
+
+
+def record_source(
+    paths: PathsLike, data_format: DataFormat, required_fields: Sequence[str] = ()
+) -> RecordSource:
+    """The record source :func:`make_lm_dataset` opens for data files of ``data_format``."""
+    return _source(paths, data_format, required_fields, tfds_name=None, tfds_split="train",
+                   tfds_data_dir=None)
