@@ -2,6 +2,7 @@
 
 from glmjax import sharding  # noqa: F401  (axis_rules)
 from glmjax.data import factories  # noqa: F401  (lm_data, tokenizer, synthetic_arithmetic_file)
+from glmjax.data import distill_data  # noqa: F401  (offline_distill_data)
 from glmjax.data import pairs  # noqa: F401  (pair_data, synthetic_arithmetic_pairs_file)
 from glmjax.evals import synthetic_task  # noqa: F401  (ArithmeticExactMatch)
 from glmjax.models import config  # noqa: F401  (ModelConfig, preset)
