@@ -14,6 +14,7 @@ from glmjax.data.synthetic import ArithmeticConfig
 from glmjax.data.tokenizer import default_tokenizer
 from glmjax.models import create_model
 from glmjax.objectives.base import StepInputs
+from glmjax.objectives.lm import LMObjective
 from glmjax.objectives.dpo import DPOObjective, dpo_loss, sequence_logps
 from glmjax.training.trainer import train
 from training_helpers import CONFIG, metric_rows
@@ -252,3 +253,17 @@ def test_the_experiment_configs_parse_and_build(tmp_path, tokenizer):
                 assert batch["inputs"].shape == (32, 128) and data.batch_spec.group_size == 2
         finally:
             gin.clear_config()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sync", [None, 4])
+def test_compile_only_builds_the_reference_abstractly(tokenizer, pair_paths, sync):
+    def compile_with(objective):
+        return train(model_dir="unused", model_config=CONFIG, train_data=_pairs(tokenizer, pair_paths["train"]),
+                     train_steps=10, mesh_shape=(2, 2, 2, 1), compile_only=True, objective=objective)
+
+    report = compile_with(DPOObjective(ref_sync_every=sync))
+    assert report["devices"] == 8 and report["global_batch"] == 16
+    # the reference (frozen or evolving) is a second copy of the parameters among the arguments
+    lm = compile_with(LMObjective())
+    assert report["argument_bytes_per_device"] > lm["argument_bytes_per_device"]
