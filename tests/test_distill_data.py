@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from training_helpers import CONFIG
 
 from glmjax.checkpoints.orbax_io import save_model
@@ -17,7 +18,12 @@ from glmjax.data.sources import DataFormatError, write_token_records
 from glmjax.data.spec import FeatureSpec, batch_spec_of
 from glmjax.data.teacher_logits import LogitsFormat, TeacherLogitsError
 from glmjax.models import create_model
+from glmjax.objectives.alpha import ConstantAlpha
+from glmjax.objectives.base import StateContext, StepInputs
+from glmjax.objectives.distill import DistillObjective
 from glmjax.objectives.distill_losses import truncate_with_tail
+from glmjax.sharding import make_mesh
+from glmjax.training.state import model_graph, param_shardings, random_params
 from launch.dump_logits import DumpConfig, dump
 
 TRUNCATION = {"top_p": 0.9, "top_k": 6, "temperature": 0.7}
@@ -140,3 +146,28 @@ def test_incomplete_dump_refused(setup, tmp_path):
             (copy / name).write_bytes((root / "logits" / name).read_bytes())
     with pytest.raises(TeacherLogitsError, match="shard-00001-of-00003.array_record: shard incomplete"):
         _factory(root, corpus, logits_dir=str(copy))
+
+
+@pytest.mark.parametrize("loss_type", ["kl", "soft_ce"])
+def test_stored_teacher_gives_the_online_loss(setup, loss_type):
+    """DistillObjective offline on the factory's batches == online with the same teacher, within
+    the stored precision (whole documents per segment: both teachers see the same context)."""
+    root, _, corpus, _ = setup
+    batch = {k: jnp.asarray(v) for k, v in next(iter(_factory(root, corpus, seq_len=DUMP_SEQ))).items()}
+    assert int(batch["segment_ids"].max()) > 1
+    settings = dict(top_k=TRUNCATION["top_k"], top_p=TRUNCATION["top_p"],
+                    temperature=TRUNCATION["temperature"], loss_type=loss_type, alpha=ConstantAlpha(0.9))
+    online = DistillObjective(mode="online", teacher=CONFIG, teacher_orbax_dir=str(root / "teacher"), **settings)
+    mesh = make_mesh((1, 1, 1, 1), jax.devices()[:1])
+    frozen = online.frozen_state(StateContext(mesh, CONFIG, lambda: None, param_shardings(CONFIG, mesh), False))
+    graphdef, _ = model_graph(CONFIG)
+    params = random_params(CONFIG, 7)
+
+    def mean_loss(objective, batch, frozen):
+        inputs = StepInputs(jax.random.key(0), jnp.asarray(0, jnp.int32), frozen)
+        out = objective.loss(nnx.merge(graphdef, params), batch, inputs)
+        return float(out.total / out.weight)
+
+    offline_loss = mean_loss(DistillObjective(**settings), batch, None)
+    online_loss = mean_loss(online, {k: v for k, v in batch.items() if not k.startswith("teacher_")}, frozen)
+    assert abs(offline_loss - online_loss) < 1e-3, (offline_loss, online_loss)
