@@ -210,6 +210,7 @@ def test_alpha_schedules():
         gin.clear_config()
 
 
+@pytest.mark.slow  # the trainer end to end (~30 s each on 2 shared cores)
 def test_online_distillation_trains_on_a_sharded_mesh(tmp_path):
     batch = _batch(2, rows=8, seq=32)
     objective = DistillObjective(mode="online", teacher=TEACHER, teacher_seed=1, top_k=TOP_K, loss_type="kl",
@@ -226,6 +227,7 @@ def test_online_distillation_trains_on_a_sharded_mesh(tmp_path):
     assert 0.0 <= rows[0]["teacher_agreement"] <= 1.0 and rows[0]["lm_token_loss"] > 0
 
 
+@pytest.mark.slow  # the trainer end to end (~30 s each on 2 shared cores)
 def test_offline_distillation_trains_with_the_teacher_keys(tmp_path):
     batch = _batch(3, rows=8, seq=32)
     ids, probs = _offline_keys(_teacher_model(), batch)
