@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -147,3 +148,36 @@ def test_summary_json_printed(setup):
     assert set(summary) >= {"documents", "tokens", "bytes_per_token", "ratio_to_full_fp32"}
     assert summary["ratio_to_full_fp32"] == pytest.approx(4 * 384 / summary["bytes_per_token"], rel=1e-3)
     json.dumps(summary)
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_dump(setup, tmp_path):
+    """Two jax.distributed processes (2 CPU devices each) share the shards and the global batch;
+    the dump equals the one-process one (up to the order of ids whose probabilities tie in the
+    last bits: another packing of rows changes the float rounding)."""
+    _, _, base, _ = setup
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    args = [sys.executable, "-m", "launch.dump_logits", f"--corpus={base.corpus[0]}", f"--output_dir={out}",
+            f"--teacher_orbax_dir={base.teacher_orbax_dir}", f"--tokenizer_dir={base.tokenizer_dir}",
+            "--batch_size=4", "--seq_len=32", "--context=8", "--documents_per_shard=4", "--top_p=0.9",
+            "--top_k=8", "--temperature=2.0", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+    processes = [subprocess.Popen([*args, f"--process_id={i}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+    assert json.loads(outputs[0][0].strip().splitlines()[-1])["documents"] == 30
+    assert '"documents"' not in outputs[1][0]  # only process 0 prints the summary
+    one, two = TeacherLogitsReader(base.output_dir), TeacherLogitsReader(out)
+    for index in range(len(one)):
+        ids_a, probs_a, _ = one.format.unpack(one[index])
+        ids_b, probs_b, _ = two.format.unpack(two[index])
+        # each within the format's bound of the (nearly equal) exact values: a code may flip
+        assert np.all(np.abs(probs_a - probs_b) <= 2 * one.format.prob_error_bound(probs_a) + 1e-6)
+        np.testing.assert_array_equal(np.sort(np.where(probs_a > 0, ids_a, -1), -1),
+                                      np.sort(np.where(probs_b > 0, ids_b, -1), -1))
