@@ -49,9 +49,9 @@ Size at vocabulary 151,552 (``B`` = 18) and top-k 50 with every slot used: 1 + 2
 top-p keeps fewer ids on sharp positions. Per document 9 bytes of header.
 
 ``metadata.json`` (``format`` = ``FORMAT_NAME``, ``format_version`` = ``FORMAT_VERSION``):
-``vocab_size``, ``top_k``, ``top_p``, ``temperature``, ``prob_bits``,
-``teacher`` (``source``, ``path``, ``config_sha256``), ``tokenizer`` (``fingerprint`` or null for
-token corpora), ``corpus`` (``paths``, ``data_format``, ``field``, ``num_documents``),
+``vocab_size``, ``top_k``, ``top_p``, ``temperature``, ``prob_bits``, ``teacher`` (``source``:
+hf / orbax / run, ``path``, ``step``, ``config_sha256``), ``tokenizer`` (``size`` and ``sha256`` of
+its vocabulary and special tokens; null for token corpora), ``corpus`` (``paths``, ``data_format``, ``field``, ``num_documents``),
 ``documents_per_shard``, ``num_shards``, ``seq_len``, ``context``. Each ``.done.json``:
 ``shard``, ``first``, ``documents``, ``tokens``, ``positions``, ``kept``, ``bytes``.
 """
@@ -341,10 +341,6 @@ class ShardWriter:
         self._tmp.rename(self.path)
         write_json_atomic(self.done_path, self._info)
         return dict(self._info)
-
-    def abort(self) -> None:
-        self._writer.close()
-        self._tmp.unlink(missing_ok=True)
 
 
 def shard_done(logits_dir: str | os.PathLike, shard: int, num_shards: int) -> dict[str, int] | None:
