@@ -3,6 +3,7 @@ packing, the batch spec declares it, and a dump of other data is refused."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -171,3 +172,19 @@ def test_stored_teacher_gives_the_online_loss(setup, loss_type):
     offline_loss = mean_loss(DistillObjective(**settings), batch, None)
     online_loss = mean_loss(online, {k: v for k, v in batch.items() if not k.startswith("teacher_")}, frozen)
     assert abs(offline_loss - online_loss) < 1e-3, (offline_loss, online_loss)
+
+
+@pytest.mark.slow  # the trainer end to end on 8 devices
+def test_trainer_runs_on_the_stored_teacher(setup, tmp_path):
+    root, _, corpus, _ = setup
+    from training_helpers import metric_rows
+
+    from glmjax.training.trainer import train
+
+    data = functools.partial(offline_distill_data, paths=corpus, logits_dir=str(root / "logits"),
+                             data_format="tokens", seq_len=32, global_batch_size=8)
+    objective = DistillObjective(top_k=TRUNCATION["top_k"], loss_type="kl", alpha=ConstantAlpha(0.9))
+    train(model_dir=str(tmp_path / "run"), model_config=CONFIG, train_data=data, train_steps=3,
+          objective=objective, mesh_shape=(4, 2, 1, 1), log_every=1, checkpoint_every=100)
+    rows = [r for r in metric_rows(str(tmp_path / "run")) if r["step"] > 0]
+    assert len(rows) == 3 and all(np.isfinite(r["kd_token_loss"]) and r["kd_token_loss"] > 0 for r in rows)
