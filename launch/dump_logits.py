@@ -253,10 +253,10 @@ class _ShardJob:
                  documents: list[np.ndarray], first: int):
         self.shard, self.documents, self.fmt = shard, documents, fmt
         self.writer = ShardWriter(cfg.output_dir, shard, num_shards, first)
-        positions = [max(len(ids) - 1, 0) for ids in documents]
-        self.ids = [np.zeros((p, fmt.top_k), np.int32) for p in positions]
-        self.probs = [np.zeros((p, fmt.top_k), np.float32) for p in positions]
-        self.tail = [np.zeros(p, np.float32) for p in positions]
+        # a document's arrays exist from its first returned piece until its record is written
+        self.ids: list[np.ndarray | None] = [None] * len(documents)
+        self.probs: list[np.ndarray | None] = [None] * len(documents)
+        self.tail: list[np.ndarray | None] = [None] * len(documents)
         self.pieces = [piece for index, ids in enumerate(documents)
                        for piece in document_pieces(index, len(ids), cfg.seq_len, cfg.context)]
         self.remaining = np.zeros(len(documents), np.int64)
@@ -264,12 +264,22 @@ class _ShardJob:
             self.remaining[piece.document] += 1
         self.written = 0
 
+    def arrays(self, document: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, probs, tail) of a document, allocated on first use."""
+        if self.ids[document] is None:
+            positions = max(len(self.documents[document]) - 1, 0)
+            self.ids[document] = np.zeros((positions, self.fmt.top_k), np.int32)
+            self.probs[document] = np.zeros((positions, self.fmt.top_k), np.float32)
+            self.tail[document] = np.zeros(positions, np.float32)
+        return self.ids[document], self.probs[document], self.tail[document]
+
     def ready_records(self) -> Iterator[tuple[bytes, int, int]]:
         """(record, tokens, kept ids) of the next documents in order whose pieces are all back."""
         while self.written < len(self.documents) and self.remaining[self.written] == 0:
             d = self.written
-            yield (self.fmt.pack(self.documents[d], self.ids[d], self.probs[d], self.tail[d]),
-                   len(self.documents[d]), int((self.probs[d] > 0).sum()))
+            ids, probs, tail = self.arrays(d)
+            yield (self.fmt.pack(self.documents[d], ids, probs, tail), len(self.documents[d]),
+                   int((probs > 0).sum()))
             self.ids[d] = self.probs[d] = self.tail[d] = None
             self.written += 1
 
@@ -430,9 +440,10 @@ def _run_shards(cfg, fmt, shards, num_shards, document, num_documents, forward, 
         for index, (job, row) in enumerate(real):
             for piece, offset in row:
                 lo, hi = offset + piece.first - piece.start, offset + piece.stop - piece.start
-                job.ids[piece.document][piece.first:piece.stop] = ids[index, lo:hi]
-                job.probs[piece.document][piece.first:piece.stop] = probs[index, lo:hi]
-                job.tail[piece.document][piece.first:piece.stop] = tail[index, lo:hi]
+                doc_ids, doc_probs, doc_tail = job.arrays(piece.document)
+                doc_ids[piece.first:piece.stop] = ids[index, lo:hi]
+                doc_probs[piece.first:piece.stop] = probs[index, lo:hi]
+                doc_tail[piece.first:piece.stop] = tail[index, lo:hi]
                 job.remaining[piece.document] -= 1
         _finish(batch, cfg, state)
 
