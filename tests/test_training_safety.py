@@ -51,6 +51,28 @@ def test_initial_checkpoint_with_another_rope_theta_is_refused(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_run_starts_from_another_runs_newest_checkpoint(tmp_path):
+    from flax import nnx
+
+    from glmjax.checkpoints.training_runs import load_trained_model
+    from glmjax.training.initial_params import InitialParams
+    from glmjax.sharding import make_mesh
+    from glmjax.training.state import model_graph
+
+    _run(tmp_path / "sft")
+    expected = nnx.to_pure_dict(nnx.state(load_trained_model(tmp_path / "sft"), nnx.Param))
+    mesh = make_mesh((-1, 1, 1, 1))
+    shardings = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+                             model_graph(CONFIG)[1])
+    initial = InitialParams(CONFIG, mesh, shardings, seed=0, run_dir=str(tmp_path / "sft"))()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(initial), jax.device_get(expected))
+    with pytest.raises(ValueError, match="at most one of train.init_from_hf, train.init_from_orbax and "
+                                         "train.init_from_run"):
+        InitialParams(CONFIG, mesh, shardings, 0, orbax_dir="x", run_dir=str(tmp_path / "sft"))
+    result = _run(tmp_path / "dpo", steps=1, init_from_run=str(tmp_path / "sft"), checkpoint_every=1)
+    assert result.step == 1
+
+
 def test_resume_refuses_another_function_but_allows_runtime_changes(tmp_path):
     _run(tmp_path / "run")
     before = sorted(os.listdir(tmp_path / "run" / "checkpoints"))

@@ -1,4 +1,5 @@
-"""A run's initial parameters: an HF directory, an orbax model checkpoint, or a seeded random init.
+"""A run's initial parameters: an HF directory, an orbax model checkpoint, another training run's
+newest verified checkpoint, or a seeded random init.
 
 Built lazily and at most once per process: a fresh run builds them to initialise the train state;
 a resumed run builds them only when the objective's frozen state needs them (a DPO reference that
@@ -23,21 +24,23 @@ class InitialParams:
         refused (``glmjax.training.run_config``).
       mesh, shardings: where the parameters go.
       seed: random init seed (used without a checkpoint).
-      hf_dir, orbax_dir: at most one initial checkpoint.
+      hf_dir, orbax_dir, run_dir: at most one initial checkpoint (``run_dir``: a ``launch.train``
+        MODEL_DIR, of which the newest verified checkpoint's parameters are read).
     """
 
     def __init__(self, config: ModelConfig, mesh: Mesh, shardings: dict, seed: int,
-                 hf_dir: str | None = None, orbax_dir: str | None = None):
-        if hf_dir and orbax_dir:
-            raise ValueError("set at most one of train.init_from_hf and train.init_from_orbax")
+                 hf_dir: str | None = None, orbax_dir: str | None = None, run_dir: str | None = None):
+        if sum(map(bool, (hf_dir, orbax_dir, run_dir))) > 1:
+            raise ValueError("set at most one of train.init_from_hf, train.init_from_orbax and "
+                             "train.init_from_run")
         self.config, self.mesh, self.shardings, self.seed = config, mesh, shardings, seed
-        self.hf_dir, self.orbax_dir = hf_dir, orbax_dir
+        self.hf_dir, self.orbax_dir, self.run_dir = hf_dir, orbax_dir, run_dir
         self._params: dict | None = None
         self.used = False
 
     @property
     def source(self) -> str:
-        return self.hf_dir or self.orbax_dir or f"random init (seed {self.seed})"
+        return self.hf_dir or self.orbax_dir or self.run_dir or f"random init (seed {self.seed})"
 
     def __call__(self) -> dict:
         """The parameters (built on the first call; later calls return the same arrays)."""
@@ -61,7 +64,7 @@ class InitialParams:
 
     def _build(self) -> dict:
         if self._params is None:
-            self._params = self._load() if (self.hf_dir or self.orbax_dir) else init_random_params(
+            self._params = self._load() if (self.hf_dir or self.orbax_dir or self.run_dir) else init_random_params(
                 self.config, self.mesh, self.seed, self.shardings)
         return self._params
 
@@ -72,6 +75,10 @@ class InitialParams:
             from glmjax.checkpoints.hf import from_pretrained
 
             model = from_pretrained(self.hf_dir, self.config.param_dtype, mesh=self.mesh)
+        elif self.run_dir:
+            from glmjax.checkpoints.training_runs import load_trained_model
+
+            model = load_trained_model(self.run_dir, mesh=self.mesh, param_dtype=self.config.param_dtype)
         else:
             from glmjax.checkpoints.orbax_io import load_model
 

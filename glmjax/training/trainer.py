@@ -212,6 +212,7 @@ def train(
     eval_batches: int = 10,
     init_from_hf: str | None = None,
     init_from_orbax: str | None = None,
+    init_from_run: str | None = None,
     peak_flops_per_device: float | None = None,
     skip_nonfinite_updates: int | None = None,
     preemption_sync_every: int = 10,
@@ -235,8 +236,10 @@ def train(
         steps and at the end (e.g. exact-match accuracy of generated answers).
       mesh_shape: (data, fsdp, tensor, sequence); -1 fills with the remaining devices.
       num_microbatches: gradient accumulation steps per optimiser step.
-      init_from_hf / init_from_orbax: initial parameters for a fresh run; a checkpoint whose
-        config computes another function than ``model_config`` is refused.
+      init_from_hf / init_from_orbax / init_from_run: initial parameters for a fresh run (an HF
+        directory, an orbax model checkpoint, or another run's MODEL_DIR: its newest verified
+        checkpoint); a checkpoint whose config computes another function than ``model_config``
+        is refused.
       skip_nonfinite_updates: None stops the run at a non-finite loss or gradient; N skips such
         updates (``optax.apply_if_finite``, counted as ``skipped_updates``) and stops after N in a row.
       preemption_sync_every: multi-process runs agree on stop requests every this many steps.
@@ -270,7 +273,8 @@ def train(
     data = train_data(seed=seed, process_index=jax.process_index(), process_count=jax.process_count())
     batches = _Batches(data, objective, mesh, "train_data")
     param_shardings = train_state_shardings(tx, model_config, mesh).params
-    initial = InitialParams(model_config, mesh, param_shardings, seed, init_from_hf, init_from_orbax)
+    initial = InitialParams(model_config, mesh, param_shardings, seed, init_from_hf, init_from_orbax,
+                            init_from_run)
 
     def context(abstract: bool) -> StateContext:
         return StateContext(mesh, model_config, initial.abstract if abstract else initial,
