@@ -37,7 +37,7 @@ from glmjax.data.chat_template import EOS, GMASK, SOP
 Example = dict[str, np.ndarray]
 
 
-def _settle(tokenizer: PreTrainedTokenizerBase) -> None:
+def settle_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
     """Encodes once so the tokenizer drops any truncation/padding settings from tokenizer.json now.
 
     The first ``encode`` call mutates the Rust tokenizer when such settings exist; doing it here,
@@ -76,7 +76,7 @@ class TextEncoder:
         self.tokenizer = tokenizer
         self.field = field
         self.required_fields = (field,)
-        _settle(tokenizer)
+        settle_tokenizer(tokenizer)
         self._prefix, self._eos = document_affixes(tokenizer)
 
     def __call__(self, record: Mapping[str, Any]) -> Example:
@@ -104,7 +104,7 @@ class ChatEncoder:
         self.field = field
         self.tools_field = tools_field
         self.required_fields = (field,)
-        _settle(tokenizer)
+        settle_tokenizer(tokenizer)
         self.chat_format = chat_format_for(tokenizer)
 
     def __call__(self, record: Mapping[str, Any]) -> Example:

@@ -56,17 +56,23 @@ from etils import epath
 from transformers import PreTrainedTokenizerBase
 
 from glmjax.data.chat_format import chat_format_for
-from glmjax.data.encoders import _settle
+from glmjax.data.encoders import settle_tokenizer
 from glmjax.data.pipeline import (
-    _DROPPED,
-    _check_arguments,
-    _concat_rows,
-    _CountDrops,
-    _FoldDrops,
-    _ReadAndEncode,
+    DROPPED_KEY,
+    CountDrops,
+    FoldDrops,
+    ReadAndEncode,
+    check_pipeline_arguments,
+    concat_rows,
 )
 from glmjax.data.sources import JsonlSource, PathsLike
-from glmjax.data.spec import BatchSpec, FeatureSpec, SpecifiedIterDataset, lm_batch_spec, with_batch_spec
+from glmjax.data.spec import (
+    BatchSpec,
+    FeatureSpec,
+    SpecifiedIterDataset,
+    lm_batch_spec,
+    with_batch_spec,
+)
 from glmjax.data.synthetic import ArithmeticConfig, Problem, generate_problems
 
 REF_CHOSEN_FIELD = "ref_chosen_logp"
@@ -120,7 +126,7 @@ class PairEncoder:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, ref_logps: bool = False,
                  prompt_template: str = LONG_REWARD_TEMPLATE, max_positions: int | None = None):
-        _settle(tokenizer)
+        settle_tokenizer(tokenizer)
         self.chat_format = chat_format_for(tokenizer)
         self.ref_logps = ref_logps
         self.prompt_template = prompt_template
@@ -213,12 +219,12 @@ class _ToRows:
 
     def __call__(self, example: PairExample) -> dict[str, Any]:
         rows = pair_rows(example, self._seq_len)
-        return {_DROPPED: 1} if rows is None else {**rows, _DROPPED: 0}
+        return {DROPPED_KEY: 1} if rows is None else {**rows, DROPPED_KEY: 0}
 
 
 def _flatten_pairs(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """[pairs, 2, ...] -> [rows, ...] (chosen, rejected, chosen, ...); drop counts stay per pair."""
-    return {key: value if key == _DROPPED else value.reshape(-1, *value.shape[2:])
+    return {key: value if key == DROPPED_KEY else value.reshape(-1, *value.shape[2:])
             for key, value in batch.items()}
 
 
@@ -256,7 +262,7 @@ def pair_dataset(
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     num_data_shards = process_count if num_data_shards is None else num_data_shards
-    _check_arguments(
+    check_pipeline_arguments(
         seq_len=seq_len, global_batch_size=global_batch_size, num_epochs=num_epochs,
         process_index=process_index, process_count=process_count, num_data_shards=num_data_shards,
         overlong="drop", group_size=2)
@@ -264,7 +270,7 @@ def pair_dataset(
     if shuffle:
         indices = indices.shuffle(seed)
     indices = indices.repeat(num_epochs)
-    read = _ReadAndEncode(source, encoder)
+    read = ReadAndEncode(source, encoder)
     to_rows = _ToRows(seq_len)
     read_options = read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
     pairs_per_shard = global_batch_size // num_data_shards // 2
@@ -273,11 +279,11 @@ def pair_dataset(
     shards = []
     for shard in range(first, first + shards_per_process):
         elements = indices[shard::num_data_shards].map(read).map(to_rows).to_iter_dataset(read_options)
-        pairs = _FoldDrops(elements, len(source), seq_len)
+        pairs = FoldDrops(elements, len(source), seq_len)
         shards.append(pairs.batch(pairs_per_shard, drop_remainder=True).map(_flatten_pairs))
     batches = shards[0] if len(shards) == 1 else grain.experimental.ZipIterDataset(
-        shards, strict=False).map(_concat_rows)
-    return with_batch_spec(_CountDrops(batches), pair_batch_spec(encoder.ref_logps))
+        shards, strict=False).map(concat_rows)
+    return with_batch_spec(CountDrops(batches), pair_batch_spec(encoder.ref_logps))
 
 
 @gin.configurable

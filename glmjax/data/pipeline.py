@@ -99,8 +99,8 @@ from glmjax.data.tfds_source import TfdsSource
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 _PAIR_KEYS = ("inputs", "targets", "loss_mask")
-_DROPPED = "_dropped_examples"  # per window / row / batch until the outermost iterator
-_RESERVED = frozenset({*BATCH_KEYS, "input_ids", _DROPPED})
+DROPPED_KEY = "_dropped_examples"  # per window / row / batch until the outermost iterator
+_RESERVED = frozenset({*BATCH_KEYS, "input_ids", DROPPED_KEY})
 DataFormat = Literal["text", "chat", "tokens"]
 Overlong = Literal["drop", "truncate", "window"]
 OVERLONG_POLICIES = ("drop", "truncate", "window")
@@ -118,7 +118,7 @@ class RecordSource(Protocol):
     def location(self, index: int) -> str: ...
 
 
-class _ReadAndEncode:
+class ReadAndEncode:
     """Record index -> encoded example; errors name the record's file and line."""
 
     def __init__(self, source: RecordSource, encoder: Callable[[Any], Example]):
@@ -166,7 +166,7 @@ class _Extras:
 
 class _Windows(grain.experimental.FlatMapTransform):
     """Example -> windows of at most ``seq_len`` (input, target) pairs, or one drop marker
-    (``{_DROPPED: 1}``) for an over-long example under ``overlong="drop"``."""
+    (``{DROPPED_KEY: 1}``) for an over-long example under ``overlong="drop"``."""
 
     # FlatMapIterDataset does not bound the fan-out; a long document may give many windows.
     max_fan_out = sys.maxsize
@@ -179,7 +179,7 @@ class _Windows(grain.experimental.FlatMapTransform):
     def flat_map(self, example: Example) -> list[dict[str, Any]]:
         pairs = len(example["input_ids"]) - 1
         if pairs > self._seq_len and self._overlong == "drop":
-            return [{_DROPPED: 1}]
+            return [{DROPPED_KEY: 1}]
         starts = range(0, pairs, self._seq_len)
         if self._overlong == "truncate":
             starts = starts[:1]
@@ -193,7 +193,7 @@ class _Windows(grain.experimental.FlatMapTransform):
             "inputs": ids[start:stop],
             "targets": ids[start + 1 : stop + 1],
             "loss_mask": example["loss_mask"][start + 1 : stop + 1],
-            _DROPPED: 0,
+            DROPPED_KEY: 0,
         }
         window.update({key: example[key][start:stop] for key in self._extras.token})
         window.update({key: example[key] for key in self._extras.example})
@@ -215,13 +215,13 @@ class _FoldDropsIterator(grain.DatasetIterator):
         dropped = 0
         element = next(self._parent)
         while "inputs" not in element:
-            dropped += element[_DROPPED]
+            dropped += element[DROPPED_KEY]
             if dropped >= self._max_streak:
                 raise ValueError(
                     f"{dropped} examples in a row are longer than seq_len={self._seq_len} and were "
                     "dropped; raise seq_len or use overlong='truncate' or 'window'")
             element = next(self._parent)
-        return {**element, _DROPPED: dropped}
+        return {**element, DROPPED_KEY: dropped}
 
     def get_state(self) -> dict[str, Any]:
         return self._parent.get_state()
@@ -230,7 +230,7 @@ class _FoldDropsIterator(grain.DatasetIterator):
         self._parent.set_state(state)
 
 
-class _FoldDrops(grain.IterDataset):
+class FoldDrops(grain.IterDataset):
     def __init__(self, parent: grain.IterDataset, max_streak: int, seq_len: int):
         super().__init__(parent)
         self._max_streak = max_streak
@@ -262,7 +262,7 @@ class _PadRow:
         out.update({key: _pad(window[key], length, feature.dtype)
                     for key, feature in self._extras.token.items()})
         out.update({key: window[key] for key in self._extras.example})
-        out[_DROPPED] = window[_DROPPED]
+        out[DROPPED_KEY] = window[DROPPED_KEY]
         return out
 
 
@@ -288,11 +288,11 @@ class _FromPacked:
         out.update({key: row[key].astype(f.dtype) for key, f in self._extras.token.items()})
         out.update({key: _per_segment(row[key], f, self._max_segments)
                     for key, f in self._extras.example.items()})
-        out[_DROPPED] = sum(row[_DROPPED])
+        out[DROPPED_KEY] = sum(row[DROPPED_KEY])
         return out
 
 
-def _concat_rows(parts: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
+def concat_rows(parts: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
@@ -306,7 +306,7 @@ class _CountDropsIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = dict(next(self._parent))
-        self.dropped_examples += int(np.sum(batch.pop(_DROPPED)))
+        self.dropped_examples += int(np.sum(batch.pop(DROPPED_KEY)))
         return batch
 
     def get_state(self) -> dict[str, Any]:
@@ -317,7 +317,7 @@ class _CountDropsIterator(grain.DatasetIterator):
         self.dropped_examples = int(state["dropped_examples"])
 
 
-class _CountDrops(grain.IterDataset):
+class CountDrops(grain.IterDataset):
     def __iter__(self) -> _CountDropsIterator:
         return _CountDropsIterator(self._parent.__iter__())
 
@@ -343,21 +343,21 @@ class _RowPlan:
 
 def _shard_dataset(
     indices: grain.MapDataset,
-    read: _ReadAndEncode,
+    read: ReadAndEncode,
     plan: _RowPlan,
     read_options: grain.ReadOptions,
 ) -> grain.IterDataset:
     examples = indices.map(read).to_iter_dataset(read_options)
     windows = grain.experimental.FlatMapIterDataset(
         examples, _Windows(plan.seq_len, plan.overlong, plan.extras))
-    windows = _FoldDrops(windows, plan.max_streak, plan.seq_len)
+    windows = FoldDrops(windows, plan.max_streak, plan.seq_len)
     if plan.packing:
         rows_ds = grain.experimental.FirstFitPackIterDataset(
             windows,
             length_struct={key: plan.seq_len for key in (*_PAIR_KEYS, *plan.extras.token)},
             num_packing_bins=plan.rows,
             shuffle_bins=False,
-            meta_features=(*plan.extras.example, _DROPPED),
+            meta_features=(*plan.extras.example, DROPPED_KEY),
             max_sequences_per_bin=plan.max_segments,
         ).map(_FromPacked(plan.extras, plan.max_segments))
     else:
@@ -365,7 +365,7 @@ def _shard_dataset(
     return rows_ds.batch(plan.rows, drop_remainder=True)
 
 
-def _check_arguments(
+def check_pipeline_arguments(
     *,
     seq_len: int,
     global_batch_size: int,
@@ -449,7 +449,7 @@ def lm_dataset(
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     num_data_shards = process_count if num_data_shards is None else num_data_shards
-    _check_arguments(
+    check_pipeline_arguments(
         seq_len=seq_len, global_batch_size=global_batch_size, num_epochs=num_epochs,
         process_index=process_index, process_count=process_count,
         num_data_shards=num_data_shards, overlong=overlong, group_size=group_size)
@@ -462,7 +462,7 @@ def lm_dataset(
     if shuffle:
         indices = indices.shuffle(seed)
     indices = indices.repeat(num_epochs)
-    read = _ReadAndEncode(source, encoder)
+    read = ReadAndEncode(source, encoder)
     read_options = read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
     plan = _RowPlan(
         seq_len=seq_len, rows=global_batch_size // num_data_shards, packing=packing,
@@ -475,8 +475,8 @@ def lm_dataset(
         for shard in range(first, first + shards_per_process)
     ]
     batches = shards[0] if len(shards) == 1 else grain.experimental.ZipIterDataset(
-        shards, strict=False).map(_concat_rows)
-    return with_batch_spec(_CountDrops(batches), lm_batch_spec(extras.specs(packing), group_size))
+        shards, strict=False).map(concat_rows)
+    return with_batch_spec(CountDrops(batches), lm_batch_spec(extras.specs(packing), group_size))
 
 
 def _encoder(
