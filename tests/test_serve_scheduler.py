@@ -120,13 +120,21 @@ def test_short_request_finishes_before_a_long_one_admitted_earlier(engine):
     assert order == {"continuous": ["short", "long"], "static": ["long", "short"]}
 
 
-def test_compiled_programs_do_not_grow_with_requests(engine, scheduler):
-    before = scheduler.programs.num_programs
-    requests = [GenerationRequest(list(range(2, 2 + n)), 3 + n, SamplingConfig(temperature=0.5 + n / 10), seeds=[n])
-                for n in range(1, 9)]
-    _concurrently(scheduler, requests)
-    # Prompts of 1-8 tokens are one prompt bucket; prefill groups of 1 or 2 prompts: two programs.
-    assert scheduler.programs.num_programs <= max(before, 3)
+def test_compiled_programs_do_not_grow_with_requests(engine):
+    def requests(offset):
+        return [GenerationRequest(list(range(2, 2 + n)), 3 + n, SamplingConfig(temperature=offset + n / 10),
+                                  seeds=[n]) for n in range(1, 9)]
+
+    with ContinuousScheduler(engine, detokenize, max_slots=4, max_len=64, decode_chunk=4,
+                             max_prefill_batch=2) as scheduler:
+        _concurrently(scheduler, requests(0.5))
+        # Prompts of 1-8 tokens are one prompt bucket (16); prefill groups of 1 or 2 prompts: at
+        # most two admission programs, plus the one decode program, whatever the sampling settings.
+        assert scheduler.programs.num_programs <= 3
+        built = scheduler.programs.num_programs
+        _concurrently(scheduler, requests(0.9))
+        _concurrently(scheduler, [GenerationRequest([5, 6, 7], 6, SamplingConfig(), seeds=[1, 2])])
+        assert scheduler.programs.num_programs <= 3 and scheduler.programs.num_programs >= built
 
 
 def test_cancel_frees_the_slots(engine):
