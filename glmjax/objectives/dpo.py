@@ -46,6 +46,7 @@ from flax import nnx
 
 from glmjax.data.spec import BatchSpec, FeatureSpec, lm_batch_spec
 from glmjax.models.decoder import Decoder
+from glmjax.objectives.anchor import blend_toward
 from glmjax.objectives.base import Batch, LossOutput, Mean, StateContext, StepInputs
 from glmjax.objectives.losses import chunked_cross_entropy
 
@@ -266,14 +267,7 @@ class DPOObjective:
         ``ref_sync_every``."""
         if extra is None:
             return None
-        due = (step % self.ref_sync_every) == 0
-        alpha = self.ref_mix_rate
-
-        def mix(ref, p):
-            mixed = alpha * p.astype(jnp.float32) + (1.0 - alpha) * ref.astype(jnp.float32)
-            return jnp.where(due, mixed.astype(ref.dtype), ref)
-
-        return jax.tree.map(mix, extra, params)
+        return blend_toward(extra, params, self.ref_mix_rate, (step % self.ref_sync_every) == 0)
 
     # -- loss -----------------------------------------------------------------------------------
 
