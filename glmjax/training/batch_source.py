@@ -48,6 +48,9 @@ class BatchSource(Protocol):
     def set_state(self, state: dict[str, Any]) -> None:
         """Continues from a checkpointed state."""
 
+    # Optional: ``pop_metrics() -> {name: float}``, means since the last call, logged with the
+    # step's metrics at every log step (RL rollouts: seconds, tokens/s, filtered groups).
+
 
 class DatasetStream:
     """A grain dataset of host batches seen as a stream: the first batch is read up front

@@ -477,6 +477,9 @@ class _Loop:
         self.dropped_total = self.batches.dropped_examples()
         metrics["dropped_examples"] = self.dropped_total
         metrics["seconds_per_step"] = seconds_per_step
+        pop_metrics = getattr(self.batches.source, "pop_metrics", None)
+        if pop_metrics is not None:  # a batch source's own metrics (RL: rollout time, filtered groups)
+            metrics.update(pop_metrics())
         if "inputs" in self.batches.host_shapes:
             rows, seq = self.batches.global_shape("inputs")[:2]
             metrics["tokens_per_s"] = rows * seq / seconds_per_step
