@@ -6,6 +6,9 @@ not 0.33, 2(x+1) expands to 2x+2, sqrt(4) = 2, [1,2) and (1,2] differ at both en
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -171,3 +174,47 @@ def test_a_worker_that_died_while_idle_is_replaced():
         worker._process.kill()
         worker._process.wait()
     assert answers_match(r"\boxed{1/2}", "0.5")
+
+
+ORPHAN_SCRIPT = r"""
+import importlib.util, os, sys, threading, time
+# This module alone (as the workers load it): importing the glmjax.evals package imports JAX.
+spec = importlib.util.spec_from_file_location("answer_math", sys.argv[2])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+answers_match = module.answers_match
+assert answers_match(r"\boxed{2}", "2.0")  # one worker, started and idle
+threading.Thread(target=answers_match, args=(sys.argv[1], "3"), kwargs={"timeout_s": 1.0},
+                 daemon=True).start()
+time.sleep(0.5)  # the check is running
+children = [int(pid) for task in os.listdir("/proc/self/task")
+            for pid in open(f"/proc/self/task/{task}/children").read().split()]
+print(*children, flush=True)
+os._exit(0)  # die mid-check: no atexit, no kill of the worker
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
+def test_a_worker_whose_parent_dies_mid_check_stops(tmp_path):
+    # stderr to a file: the orphan inherits it, and a pipe would stay open until it ends.
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        out = subprocess.run(
+            [sys.executable, "-c", ORPHAN_SCRIPT, PATHOLOGICAL, answer_math.__file__],
+            stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=120,
+        )
+    assert out.returncode == 0, (tmp_path / "stderr.txt").read_text()
+    (worker,) = map(int, out.stdout.split())
+    assert _running(worker)
+    deadline = time.monotonic() + 20  # CPU limit: about timeout_s + 2 s of CPU time
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _running(worker), f"worker {worker} still running after its parent died"

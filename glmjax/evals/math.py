@@ -14,7 +14,8 @@ threads) that loads only this file and math-verify. A check that does not answer
 ``timeout_s`` is abandoned: its worker is killed (the next check starts a new one) and the check
 returns False. Workers also cap their address space (:data:`WORKER_MEMORY_LIMIT_BYTES`), so an
 input that would build a huge number fails with a MemoryError (False) instead of exhausting the
-host.
+host, and their CPU time per check (``RLIMIT_CPU``, about ``timeout_s`` + 2 s), so a worker
+whose parent died mid-check does not keep computing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -179,7 +181,7 @@ class _WorkerLost(Exception):
 
 
 class _Worker:
-    """One verifier process: a JSON line ``[gold, answer]`` in, ``1`` or ``0`` out."""
+    """One verifier process: a JSON line ``[gold, answer, timeout_s]`` in, ``1`` or ``0`` out."""
 
     def __init__(self) -> None:
         boot = (
@@ -225,7 +227,7 @@ class _Worker:
 
     def check(self, gold: str, answer: str, timeout_s: float) -> bool:
         """math-verify's verdict; raises _WorkerLost on a timeout or a dead worker."""
-        request = memoryview((json.dumps([gold, answer]) + "\n").encode("utf-8"))
+        request = memoryview((json.dumps([gold, answer, timeout_s]) + "\n").encode("utf-8"))
         try:
             while request:
                 request = request[os.write(self._process.stdin.fileno(), request) :]
@@ -319,14 +321,20 @@ def _serve() -> None:
     def parsed(text: str) -> list:
         return parse(text, parsing_timeout=None)
 
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = WORKER_MEMORY_LIMIT_BYTES if hard == resource.RLIM_INFINITY else min(
-        hard, WORKER_MEMORY_LIMIT_BYTES)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    def cap(which: int, soft: int) -> None:
+        _, hard = resource.getrlimit(which)
+        resource.setrlimit(which, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+
+    cap(resource.RLIMIT_AS, WORKER_MEMORY_LIMIT_BYTES)
+    cap(resource.RLIMIT_CORE, 0)  # a CPU-limit kill leaves no core file
     replies.write("ready\n")
     replies.flush()
     for line in sys.stdin:
-        gold, answer = json.loads(line)
+        gold, answer, timeout_s = json.loads(line)
+        # The parent kills a worker that overruns; this CPU limit (SIGXCPU, delivered by the
+        # kernel even inside a long C call) also ends one whose parent died mid-check.
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cap(resource.RLIMIT_CPU, math.ceil(usage.ru_utime + usage.ru_stime + timeout_s) + 1)
         ok = verify(parsed(gold), parsed(answer), timeout_seconds=None)
         replies.write("1\n" if ok else "0\n")
         replies.flush()
