@@ -281,6 +281,9 @@ class _WorkerPool:
                 logger.warning("answer check counted as no match (%s): gold %.80r, answer %.80r",
                                e, gold, answer)
                 return False
+            except BaseException:
+                worker.kill()  # a protocol error or an interrupt: do not reuse (or leak) it
+                raise
             with self._lock:
                 self._idle.append(worker)
             return result
