@@ -165,6 +165,21 @@ def test_pass_at_1_is_averaged_over_samples_then_problems(hand_report):
     assert records[5].correct == (False, False, True)
 
 
+def test_finished_responses_keep_their_own_answer(tokenizer):
+    summarizer = SeesSeven()
+    report = scaling.evaluate_inference_scaling(
+        {"a": ScriptedClient(SCRIPT)}, tokenizer, PROBLEMS, [2, 4, 8], 3, 1.2, checker=ends_with_gold,
+        summarizer=summarizer, seed=100, progress=False, finished_responses="own_answer")
+    # Budget 2: every response but "00" is cut (summariser as before: p0 [1, 0, 0], p1 [0, 0, 0]).
+    # Budget 4: "7000" and "0070" fit and end in 0 (their own answers: wrong), "0007" ends in 7;
+    # budget 8: likewise, "12345678" fits and ends in 8, "000000007" is cut to eight 0s.
+    assert [c.accuracy for c in report.checkpoints[0].budgets] == pytest.approx([1 / 6, 1 / 6, 1 / 6])
+    assert all(t.truncated for t in summarizer.traces)  # only cut traces reach the summariser
+    with pytest.raises(ValueError, match="finished_responses"):
+        scaling.evaluate_inference_scaling({"a": ScriptedClient(SCRIPT)}, tokenizer, PROBLEMS, [2], 1, 1.0,
+                                           finished_responses="neither")
+
+
 def test_a_client_checkpoint_summarises_itself_by_default(tokenizer, hand_report):
     report = scaling.evaluate_inference_scaling({"a": ScriptedClient(SCRIPT)}, tokenizer, PROBLEMS, [2, 4, 8], 3,
                                                 1.2, seed=100, progress=False)

@@ -8,9 +8,11 @@ problem and the cut trace; a *checker* scores that answer against the gold one. 
 accuracy at ``B`` is pass@1: the mean over problems of the fraction of a problem's samples that the
 summariser answered correctly.
 
-Every budget is scored the same way, through the summariser, even where the response fits whole
-and ends in its own answer: the curve then measures what a reader of the first ``B`` tokens can
-conclude, not whether the response happened to stop by itself. The responses' own final answers
+By default every budget is scored the same way, through the summariser, even where the response
+fits whole and ends in its own answer: the curve then measures what a reader of the first ``B``
+tokens can conclude, not whether the response happened to stop by itself. With
+``finished_responses="own_answer"`` (budget forcing's rule) a response that stopped by itself
+within the budget keeps its own answer there. The responses' own final answers
 (the whole, uncut text, checked directly) are reported next to the curve as ``full_response``.
 
 Summarisers (:class:`Summarizer`):
@@ -60,6 +62,9 @@ from glmjax.inference.sampling import SamplingConfig
 from glmjax.models.decoder import Decoder
 
 ProblemFormat = Literal["arithmetic", "math"]
+FinishedResponses = Literal["summarise", "own_answer"]
+"""How a response that ended by itself within a budget is answered at that budget: through the
+summariser like every cut trace, or by its own final answer (budget forcing's rule)."""
 Checker = Callable[[str, str], bool]
 """``(answer_text, gold) -> correct``."""
 
@@ -662,6 +667,7 @@ def evaluate_inference_scaling(
     batch_size: int = 32,
     engine: GenerationEngine | None = None,
     progress: bool = True,
+    finished_responses: FinishedResponses = "summarise",
 ) -> ScalingReport:
     """Runs the truncation probe for every checkpoint (module docstring).
 
@@ -686,6 +692,10 @@ def evaluate_inference_scaling(
       engine: reuse this engine for the Decoder checkpoints (``update_model``, no recompilation);
         default: one built from the first Decoder.
       progress: show progress bars.
+      finished_responses: ``"summarise"`` (every budget through the summariser) or
+        ``"own_answer"`` (a response that stopped by itself within a budget keeps its own answer
+        there; the summariser answers only cut traces). Small models that never saw a second
+        answer line after their own do better with ``"own_answer"``.
 
     Returns:
       The report, with one ``SampleRecord`` per (checkpoint, problem, sample).
@@ -702,6 +712,8 @@ def evaluate_inference_scaling(
         raise ValueError("no problems to evaluate")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if finished_responses not in ("summarise", "own_answer"):
+        raise ValueError(f"finished_responses must be 'summarise' or 'own_answer', got {finished_responses!r}")
     if isinstance(checker, str):
         if checker not in CHECKERS:
             raise ValueError(f"checker must be one of {sorted(CHECKERS)} or a callable, got {checker!r}")
@@ -736,7 +748,7 @@ def evaluate_inference_scaling(
             own = summarizer or ContinuationSummarizer(engine, tokenizer, answer_prefix, max_answer_tokens,
                                                        batch_size=batch_size, progress=progress)
         sampled = time.time()
-        answers = _summarise(problems, responses, budgets, own, tokenizer)
+        answers = _summarise(problems, responses, budgets, own, tokenizer, finished_responses)
         summarised = time.time()
         description = getattr(own, "description", type(own).__name__)
         described += [] if description in described else [description]
@@ -770,15 +782,19 @@ def _check_fits(engine: GenerationEngine, tokenizer: Any, problems: Sequence[Sca
 
 
 def _summarise(problems: Sequence[ScalingProblem], responses: list[list[Response]], budgets: list[int],
-               summarizer: Summarizer, tokenizer: Any) -> list[list[list[str]]]:
-    """The summariser's answer for every [problem][sample][budget], asking it once per distinct
-    cut trace (a response shorter than several budgets is one trace for all of them)."""
+               summarizer: Summarizer, tokenizer: Any,
+               finished: FinishedResponses = "summarise") -> list[list[list[str]]]:
+    """The answer for every [problem][sample][budget]: the summariser's, asked once per distinct
+    cut trace (a response shorter than several budgets is one trace for all of them), or with
+    ``finished="own_answer"`` the response's own text where it ended by itself within the budget."""
     keys: dict[tuple[int, int, int], int] = {}
     pairs_problems, pairs_traces = [], []
     for i, row in enumerate(responses):
         for j, response in enumerate(row):
             for budget in budgets:
                 kept, truncated = truncate_response(response.tokens, budget)
+                if finished == "own_answer" and not truncated and response.finish_reason == "stop":
+                    continue
                 key = (i, j, len(kept))
                 if key not in keys:
                     keys[key] = len(pairs_traces)
@@ -788,7 +804,13 @@ def _summarise(problems: Sequence[ScalingProblem], responses: list[list[Response
     texts = summarizer.answers(pairs_problems, pairs_traces)
     if len(texts) != len(pairs_traces):
         raise ValueError(f"the summariser gave {len(texts)} answers for {len(pairs_traces)} traces")
-    return [[[texts[keys[(i, j, min(budget, len(response.tokens)))]] for budget in budgets]
+
+    def answer(i: int, j: int, response: Response, budget: int) -> str:
+        if finished == "own_answer" and len(response.tokens) <= budget and response.finish_reason == "stop":
+            return response.text
+        return texts[keys[(i, j, min(budget, len(response.tokens)))]]
+
+    return [[[answer(i, j, response, budget) for budget in budgets]
              for j, response in enumerate(row)] for i, row in enumerate(responses)]
 
 
