@@ -59,6 +59,10 @@ _ANSWER_PREFIX = flags.DEFINE_string("answer_prefix", None,
                                      "Forced answer prefix of the continuation summariser (default: per checker).")
 _MAX_ANSWER_TOKENS = flags.DEFINE_integer("max_answer_tokens", None, "Tokens a summariser answers with "
                                           "(default: per checker).")
+_FINISHED_RESPONSES = flags.DEFINE_enum(
+    "finished_responses", "summarise", ["summarise", "own_answer"],
+    "A response that stopped by itself within a budget: answered by the summariser like every cut "
+    "trace, or by its own final answer (budget forcing's rule).")
 _SUMMARIZER_BASE_URL = flags.DEFINE_string("summarizer_base_url", None,
                                            "OpenAI-compatible API root of a summarising model (e.g. "
                                            "http://localhost:8000/v1); default: each checkpoint summarises itself.")
@@ -137,7 +141,7 @@ def inference_scaling() -> int:
         checkpoints, tokenizer, problems, budgets, _NUM_SAMPLES.value, _TEMPERATURE.value,
         checker=checker, summarizer=_client_summarizer(checker), answer_prefix=_ANSWER_PREFIX.value,
         max_answer_tokens=_MAX_ANSWER_TOKENS.value, seed=_SEED.value, batch_size=_BATCH_SIZE.value,
-        progress=_PROGRESS.value)
+        progress=_PROGRESS.value, finished_responses=_FINISHED_RESPONSES.value)
     written = scaling.write_scaling_report(report, _output_dir("inference_scaling"))
     print(report.markdown())
     print(json.dumps({key: str(value) for key, value in written.items()}))

@@ -53,6 +53,16 @@ from glmjax.objectives.token_stats import token_logps_and_entropy
 RewardFunction = Callable[[str, Response], Reward]
 
 
+def rollout_batch_spec(samples_per_prompt: int, updates_per_rollout: int = 1) -> BatchSpec:
+    """The keys of a rollout batch: the LM keys, per-row ``rewards``/``correct``/``penalized``,
+    per-token ``sample_logps`` (and ``old_logps`` with several updates per rollout); groups of
+    ``samples_per_prompt`` rows."""
+    features: dict[str, FeatureSpec] = {REWARDS: ROW, CORRECT: ROW, PENALIZED: ROW, SAMPLE_LOGPS: TOKEN_FLOAT}
+    if updates_per_rollout > 1:
+        features[OLD_LOGPS] = TOKEN_FLOAT
+    return lm_batch_spec(features, group_size=samples_per_prompt)
+
+
 @dataclasses.dataclass(frozen=True)
 class RLPrompt:
     """A prompt to sample from: ``input_ids`` int32 [n] (chat-formatted, ending in the
@@ -177,10 +187,7 @@ class RolloutSource:
         self.stacked_layers = stacked_layers
         self.reward_workers = reward_workers
         self.stop_ids = stop_token_ids(tokenizer)
-        features: dict[str, FeatureSpec] = {REWARDS: ROW, CORRECT: ROW, PENALIZED: ROW, SAMPLE_LOGPS: TOKEN_FLOAT}
-        if updates_per_rollout > 1:
-            features[OLD_LOGPS] = TOKEN_FLOAT
-        self.batch_spec: BatchSpec = lm_batch_spec(features, group_size=samples_per_prompt)
+        self.batch_spec: BatchSpec = rollout_batch_spec(samples_per_prompt, updates_per_rollout)
         self._engine: GenerationEngine | None = None
         self._pending: list[dict[str, np.ndarray]] = []
         self._epoch, self._position, self._samples_drawn = 0, 0, 0
