@@ -5,7 +5,7 @@ r"""Evaluations of trained models, by name: ``python -m launch.evaluate NAME --f
 cuts each at every ``--budgets`` token budget, has a summariser give the final answer from the cut
 trace and reports pass@1 vs budget as JSON, a Markdown table and a PNG plot::
 
-  python -m launch.evaluate inference_scaling --run_dir=runs/quickstart --steps=200,400 \
+  python -m launch.evaluate inference_scaling --run_dir=runs/quickstart/sft --steps=200,400 \
       --budgets=8,16,32,64,128 --num_samples=4 --temperature=1.0
 
 Problems: ``--problems`` (the built-in task's eval JSONL, or a math JSONL of ``{"id"?, "problem",

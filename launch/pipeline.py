@@ -3,7 +3,7 @@ r"""Runs a data pipeline (``glmjax.pipelines``) with LLM clients from the comman
   # T1 CoT synthesis with the local engine of a launch.train run on the built-in task:
   python -m launch.pipeline builtin_problems --output=/tmp/t1/problems.jsonl --num_problems=32
   python -m launch.pipeline t1_cot --input=/tmp/t1/problems.jsonl --output=/tmp/t1/out \
-      --client=local --run_dir=runs/quickstart --gin.t1_cot_pipeline.num_attempts=4
+      --client=local --run_dir=runs/quickstart/sft --gin.t1_cot_pipeline.num_attempts=4
 
   # ... or with any OpenAI-compatible endpoint (vLLM, SGLang, launch.serve, a hosted API); several
   # --model names sample the attempts, the first (or --critic_model / --writer_model) critiques

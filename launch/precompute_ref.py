@@ -1,7 +1,7 @@
 r"""Adds reference-model log-probs to a DPO pair file, once, so training needs no reference forward.
 
   python -m launch.precompute_ref --pairs=pairs.jsonl --output=pairs_ref.jsonl \
-      --run_dir=runs/quickstart --seq_len=128
+      --run_dir=runs/quickstart/sft --seq_len=128
 
 Every input record (``glmjax.data.pairs`` formats) is written to ``--output``, in order, with
 ``ref_chosen_logp`` and ``ref_rejected_logp`` added: the reference's summed log-probs (nats) of the

@@ -1,4 +1,5 @@
-r"""Trains a model from gin configs.
+r"""Trains a model from gin configs, or runs a job of stages (``run_stages.stages`` bound, e.g.
+the quickstart: SFT -> RL -> inference scaling; one JSON line per finished stage).
 
   python -m launch.train --gin_file=configs/quickstart.gin
   python -m launch.train --gin_file=configs/experiments/glm4_9b_sft.gin \
@@ -25,6 +26,7 @@ from glmjax import configurables  # noqa: F401  (registers everything gin files 
 from glmjax.checkpoints.hf_config import CheckpointError
 from glmjax.data.sources import DataFormatError, EmptyDatasetError
 from glmjax.data.spec import BatchSpecError
+from glmjax.rl.stages import run_stages, stage_summary
 from glmjax.training.trainer import ConfigError, TrainingDivergedError, train
 from launch import common
 
@@ -111,6 +113,11 @@ def main(argv: list[str], extra_bindings: list[str]) -> int:
         if _COMPILE_ONLY.value:
             print(json.dumps(train(compile_only=True, topology=_TOPOLOGY.value)))
             return 0
+        if _has_stages():
+            results = run_stages(on_result=_print_stage)
+            if jax.process_index() == 0:
+                print(stage_summary(results), flush=True)
+            return 0
         result = train()
     except TrainingDivergedError as err:
         logging.error("%s", err)
@@ -133,6 +140,22 @@ def main(argv: list[str], extra_bindings: list[str]) -> int:
         }
         print(json.dumps(summary))
     return 0
+
+
+def _has_stages() -> bool:
+    """Whether the gin config describes a job of stages (``run_stages.stages`` is bound)."""
+    try:
+        gin.query_parameter("run_stages.stages")
+    except ValueError:
+        return False
+    return True
+
+
+def _print_stage(result: dict) -> None:
+    """One line per stage on stdout: the stage's result as JSON (process 0 only); a Markdown
+    summary of all stages follows at the end."""
+    if jax.process_index() == 0:
+        print(json.dumps({k: v for k, v in result.items() if k != "markdown"}), flush=True)
 
 
 def run() -> None:

@@ -206,3 +206,23 @@ def test_arithmetic_evaluator_builds_one_engine_and_follows_the_model(tokenizer,
     fresh = GenerationEngine(second, max_batch_size=4, length_buckets=(64, 128, 256, 512))
     assert engine.generate(prompts, max_new_tokens=6)[0].tokens == \
         fresh.generate(prompts, max_new_tokens=6)[0].tokens
+
+
+def test_arithmetic_evaluator_scores_samples_against_their_own_problems(tokenizer, tmp_path, monkeypatch):
+    paths = write_arithmetic_jsonl(tmp_path, num_train=1, num_eval=3)
+    config = CONFIG.replace(vocab_size=len(tokenizer))
+    evaluator = ArithmeticExactMatch(path=str(paths["eval"]), tokenizer=tokenizer, max_new_tokens=6,
+                                     batch_size=8, num_samples=2, temperature=1.0, seed=3)
+    seen = []
+    import glmjax.evals.synthetic_task as task
+
+    def recording(outputs, answers):
+        seen.append(list(answers))
+        return 0.25
+
+    monkeypatch.setattr(task, "exact_match_accuracy", recording)
+    metrics = evaluator(create_model(config, seed=1), 0)
+    answers = [p.answer for p in evaluator._prompts]
+    # Greedy: one output per problem; sampled: two per problem, each scored against its own answer.
+    assert seen == [answers, [a for a in answers for _ in range(2)]]
+    assert metrics["exact_match"] == metrics["sampled_exact_match"] == 0.25

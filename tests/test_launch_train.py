@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _bindings(tmp_path, model_dir, steps=8, extra=()):
     return [
-        "--gin_file=configs/quickstart.gin",
+        "--gin_file=configs/arithmetic_sft.gin",
         f"--gin.MODEL_DIR='{model_dir}'",
         f"--gin.DATA_DIR='{tmp_path / 'data'}'",
         f"--gin.TRAIN_STEPS={steps}",

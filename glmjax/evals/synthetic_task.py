@@ -1,4 +1,5 @@
-"""Exact-match accuracy of greedy answers on the held-out synthetic arithmetic problems."""
+"""Exact-match accuracy of greedy (and optionally sampled) answers on the held-out synthetic
+arithmetic problems."""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ class ArithmeticExactMatch:
       stacked_layers: decode with the training layout (shared buffers). False copies the weights
         into the per-layer layout at every evaluation and keeps that copy until the next one
         (faster decode on CPU, a second copy of the weights in memory).
+      num_samples: also sample this many answers per problem at ``temperature`` and report
+        ``sampled_exact_match`` (pass@1 averaged over the samples; 0: greedy only). Sample ``j``
+        of problem ``i`` draws with seed ``seed + i * num_samples + j`` at every evaluation.
+      temperature, seed: of those samples.
     """
 
     path: str = gin.REQUIRED
@@ -43,6 +48,9 @@ class ArithmeticExactMatch:
     max_new_tokens: int = 192
     batch_size: int = 64
     stacked_layers: bool = True
+    num_samples: int = 0
+    temperature: float = 1.0
+    seed: int = 0
     _engine: GenerationEngine | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
     _prompts: list[EvalPrompt] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
@@ -66,8 +74,15 @@ class ArithmeticExactMatch:
             max_new_tokens=self.max_new_tokens, stop_token_ids=stop_token_ids(self.tokenizer),
         )
         texts = [self.tokenizer.decode(r.tokens, skip_special_tokens=True) for r in results]
-        return {
-            "exact_match": exact_match_accuracy(texts, [p.answer for p in self._prompts]),
-            "problems": float(len(self._prompts)),
-            "generation_seconds": time.time() - start,
-        }
+        answers = [p.answer for p in self._prompts]
+        out = {"exact_match": exact_match_accuracy(texts, answers), "problems": float(len(self._prompts))}
+        if self.num_samples:
+            sampled = self._engine.generate(
+                [p.input_ids.tolist() for p in self._prompts], SamplingConfig(temperature=self.temperature),
+                max_new_tokens=self.max_new_tokens, stop_token_ids=stop_token_ids(self.tokenizer),
+                seed=self.seed, num_samples=self.num_samples)
+            sampled_texts = [self.tokenizer.decode(r.tokens, skip_special_tokens=True) for r in sampled]
+            out["sampled_exact_match"] = exact_match_accuracy(
+                sampled_texts, [a for a in answers for _ in range(self.num_samples)])
+        out["generation_seconds"] = time.time() - start
+        return out
