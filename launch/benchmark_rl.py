@@ -54,6 +54,11 @@ flags.DEFINE_string("aot_preset", None, "Instead: compile an RL run of this pres
                     "ahead of time and report memory per device.")
 flags.DEFINE_list("mesh", ["1", "8", "1", "1"], "With --aot_preset: (data, fsdp, tensor, sequence).")
 flags.DEFINE_integer("prompt_len", 1024, "With --aot_preset: prompt tokens.")
+flags.DEFINE_integer("num_microbatches", 1, "With --aot_preset: gradient accumulation of the update.")
+flags.DEFINE_string("attention_backend", "blockwise", "With --aot_preset: the model's attention backend "
+                    "(blockwise: no [seq, seq] scores; splash on TPU).")
+flags.DEFINE_string("compute_dtype", "bfloat16", "With --aot_preset: matmul/activation dtype (fp32 master weights).")
+flags.DEFINE_integer("engine_rows", None, "With --aot_preset: rows per generation call (default P x K).")
 
 
 def _quickstart_config():
@@ -106,12 +111,14 @@ def _rollout_benchmark() -> dict:
 
 
 def _memory_benchmark() -> dict:
-    config = preset(FLAGS.aot_preset)
+    config = preset(FLAGS.aot_preset).replace(attention_backend=FLAGS.attention_backend,
+                                              compute_dtype=FLAGS.compute_dtype)
     objective = RLObjective(group_size=FLAGS.samples_per_prompt, kl_coef=0.01, entropy_coef=0.001, anchor="ema",
                             temperature=FLAGS.temperature)
     report = rl_memory_report(config, objective, mesh_shape=tuple(int(x) for x in FLAGS.mesh),
                               prompts_per_step=FLAGS.prompts_per_step, prompt_len=FLAGS.prompt_len,
-                              max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature)
+                              max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                              num_microbatches=FLAGS.num_microbatches, engine_rows=FLAGS.engine_rows)
     gib = 2.0**30
     report["summary_gib_per_device"] = {
         "train_state": report["train_state_bytes_per_device"] / gib,

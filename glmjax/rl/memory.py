@@ -53,6 +53,8 @@ def rl_memory_report(
     prompt_len: int,
     max_new_tokens: int,
     temperature: float = 1.2,
+    num_microbatches: int = 1,
+    engine_rows: int | None = None,
 ) -> dict[str, Any]:
     """Compiles the RL train step and the rollout engine for ``config`` on ``mesh_shape`` over
     the available devices (e.g. 8 fake CPU devices), without running them.
@@ -65,6 +67,9 @@ def rl_memory_report(
       prompts_per_step: P; the update sees P * K rows of ``prompt_len + max_new_tokens - 1``.
       prompt_len, max_new_tokens: rollout shapes.
       temperature: the rollout's sampling (selects the sampling program).
+      num_microbatches: gradient accumulation of the update (groups stay whole: P must divide).
+      engine_rows: rows per generation call (a multiple of K; default all P * K at once): the
+        rollout then runs in ``P * K / engine_rows`` calls and holds one call's KV cache.
 
     Returns:
       JSON-ready dict: ``train`` (the trainer's compile report, bytes per device), ``engine``
@@ -80,19 +85,22 @@ def rl_memory_report(
                                     seq_len=seq_len)
 
     train_report = train(model_dir="unused-for-compile-only", model_config=config, train_data=data,
-                         train_steps=1, objective=objective, mesh_shape=mesh_shape, compile_only=True)
+                         train_steps=1, objective=objective, mesh_shape=mesh_shape,
+                         num_microbatches=num_microbatches, compile_only=True)
     mesh = sharding_lib.make_mesh(mesh_shape)
-    engine = GenerationEngine(abstract_model(config), mesh=mesh, stacked_layers=True,
-                              max_batch_size=prompts_per_step * k,
+    rows = engine_rows or prompts_per_step * k
+    if rows % k or rows > prompts_per_step * k:
+        raise ValueError(f"engine_rows={rows} must be a multiple of K={k} and at most P * K")
+    engine = GenerationEngine(abstract_model(config), mesh=mesh, stacked_layers=True, max_batch_size=rows,
                               length_buckets=sorted({prompt_len, max_new_tokens}))
-    compiled = engine.compile(prompts_per_step, prompt_len, max_new_tokens,
+    compiled = engine.compile(rows // k, prompt_len, max_new_tokens,
                               SamplingConfig(temperature=temperature), num_samples=k)
     memory = compiled.memory_analysis()
     state_bytes = train_report["argument_bytes_per_device"] - _batch_bytes(data, mesh)
     rollout_peak = state_bytes + memory.temp_size_in_bytes
     return {
         "train": train_report,
-        "engine": {"rows": prompts_per_step * k, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
+        "engine": {"rows": rows, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
                    "argument_bytes_per_device": memory.argument_size_in_bytes,
                    "temp_bytes_per_device": memory.temp_size_in_bytes},
         "train_state_bytes_per_device": state_bytes,
