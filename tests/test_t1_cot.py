@@ -332,33 +332,48 @@ def _summary(done):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _main_in_process(*args):
-    """launch.pipeline's exit code and one-line error for ``args``, without a subprocess."""
-    from absl import flags
-    from absl.testing import flagsaver
-
-    from launch import pipeline
-
+_IN_PROCESS_RUNNER = """
+import json, sys
+import gin
+from absl import flags
+from absl.testing import flagsaver
+from launch import pipeline
+out = []
+for args in json.loads(sys.argv[1]):
     with flagsaver.flagsaver():
         argv = flags.FLAGS(["pipeline", *args])
         try:
-            return pipeline.main(argv, [])
+            out.append(pipeline.main(argv, []))
         finally:
             gin.clear_config()
+print(json.dumps(out))
+"""
 
 
-def test_cli_usage_errors_exit_2(tmp_path, capsys):
+def _main_in_fresh_process(cases):
+    """launch.pipeline's exit codes for several argument lists, and its stderr, from ONE fresh
+    interpreter (absl flags of other launch modules a test worker imported would clash)."""
+    done = subprocess.run([sys.executable, "-c", _IN_PROCESS_RUNNER, json.dumps(cases)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def test_cli_usage_errors_exit_2(tmp_path):
     problems = _write(tmp_path / "problems.jsonl", PROBLEMS)
-    for args, message in [
+    cases = [
         (["t1_cot", f"--input={problems}", f"--output={tmp_path / 'o'}"], "this command needs --client"),
         (["nope"], "give one pipeline name, one of t1_cot, builtin_problems"),
         (["t1_cot", f"--input={problems}", f"--output={tmp_path / 'o'}", "--client=local"], "needs --run_dir"),
         (["t1_cot", f"--input={problems}", f"--output={tmp_path / 'o'}", "--client=http", "--model=m"],
          "needs --base_url"),
-    ]:
-        assert _main_in_process(*args) == 2, args
-        (line,) = capsys.readouterr().err.splitlines()
-        assert line.startswith("pipeline: ") and message in line, line
+    ]
+    codes, stderr = _main_in_fresh_process([args for args, _ in cases])
+    assert codes == [2] * len(cases)
+    lines = [line for line in stderr.splitlines() if line.startswith("pipeline: ")]
+    assert len(lines) == len(cases)
+    for line, (_, message) in zip(lines, cases):
+        assert message in line, line
     assert not (tmp_path / "o").exists()
 
 
