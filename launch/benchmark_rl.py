@@ -17,7 +17,8 @@ Examples (CPU):
     python -m launch.benchmark_rl --steps=12 --run_dir=runs/quickstart/sft
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
         python -m launch.benchmark_rl --aot_preset=qwen2.5-32b --mesh=1,8,1,1 \
-        --prompts_per_step=4 --samples_per_prompt=64 --prompt_len=1024 --max_new_tokens=8192
+        --prompts_per_step=8 --samples_per_prompt=64 --prompt_len=512 --max_new_tokens=4096 \
+        --num_microbatches=8 --engine_rows=64
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ flags.DEFINE_integer("num_microbatches", 1, "With --aot_preset: gradient accumul
 flags.DEFINE_string("attention_backend", "blockwise", "With --aot_preset: the model's attention backend "
                     "(blockwise: no [seq, seq] scores; splash on TPU).")
 flags.DEFINE_string("compute_dtype", "bfloat16", "With --aot_preset: matmul/activation dtype (fp32 master weights).")
+flags.DEFINE_string("remat_policy", "full", "With --aot_preset: what each layer saves for the backward pass.")
 flags.DEFINE_integer("engine_rows", None, "With --aot_preset: rows per generation call (default P x K).")
 
 
@@ -112,7 +114,7 @@ def _rollout_benchmark() -> dict:
 
 def _memory_benchmark() -> dict:
     config = preset(FLAGS.aot_preset).replace(attention_backend=FLAGS.attention_backend,
-                                              compute_dtype=FLAGS.compute_dtype)
+                                              compute_dtype=FLAGS.compute_dtype, remat_policy=FLAGS.remat_policy)
     objective = RLObjective(group_size=FLAGS.samples_per_prompt, kl_coef=0.01, entropy_coef=0.001, anchor="ema",
                             temperature=FLAGS.temperature)
     report = rl_memory_report(config, objective, mesh_shape=tuple(int(x) for x in FLAGS.mesh),
