@@ -38,7 +38,7 @@ def _packed_segments(batch: int, seq: int, seed: int) -> np.ndarray:
 def _attend(backend, q, k, v, segment_ids, block_size=None):
     if block_size is not None:
         seg = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
-        return attention_lib.blockwise_attention(q, k, v, seg, seg, block_size=block_size)
+        return attention_lib.blockwise_attention(q, k, v, seg, seg, block_q=block_size, block_k=block_size)
     return attention_lib.attend(
         q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_offsets=None, backend=backend
     )

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Literal
 
 import gin
+
+from glmjax.models.rotary import RopeScaling
 
 Architecture = Literal["glm", "glm4", "qwen2"]
 AttentionBackend = Literal["xla", "blockwise", "fused", "splash", "sample"]
@@ -30,6 +33,11 @@ class ModelConfig:
       vocab_size, hidden_size, intermediate_size, num_layers, num_heads,
         num_kv_heads, head_dim: shapes. ``num_heads`` must be a multiple of ``num_kv_heads``.
       rope_theta: rotary base.
+      rope_scaling: None (plain RoPE) or a ``RopeScaling`` (linear, dynamic NTK, yarn); a
+        mapping of its fields (as ``dataclasses.asdict`` writes it) is converted. Its
+        ``original_max_position_embeddings``, when None for dynamic or yarn, is set to
+        ``max_position_embeddings`` here, so the scaling alone fixes the function and
+        ``max_position_embeddings`` stays metadata.
       partial_rotary_factor: fraction of each head's dims that rotate (0.5 for GLM).
       rms_norm_eps: RMSNorm epsilon.
       qkv_bias: bias on the q/k/v projections (never on the output projection).
@@ -55,6 +63,7 @@ class ModelConfig:
     num_kv_heads: int = 2
     head_dim: int = 128
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     partial_rotary_factor: float = 0.5
     rms_norm_eps: float = 1.5625e-07
     qkv_bias: bool = True
@@ -81,9 +90,27 @@ class ModelConfig:
                 f"rotary dim {self.rotary_dim} (head_dim {self.head_dim} x partial_rotary_factor "
                 f"{self.partial_rotary_factor}) must be even and at most head_dim"
             )
+        self._resolve_rope_scaling()
         for field in ("param_dtype", "compute_dtype"):
             if getattr(self, field) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{field}={getattr(self, field)!r}: use float32, bfloat16 or float16")
+
+    def _resolve_rope_scaling(self) -> None:
+        scaling = self.rope_scaling
+        if isinstance(scaling, Mapping):
+            known = {f.name for f in dataclasses.fields(RopeScaling)}
+            unknown = sorted(set(scaling) - known)
+            if unknown:
+                raise ValueError(f"rope_scaling: unknown field(s) {unknown}; known: {', '.join(sorted(known))}")
+            scaling = RopeScaling(**scaling)
+        if scaling is not None and not isinstance(scaling, RopeScaling):
+            raise ValueError(f"rope_scaling={scaling!r}: use a RopeScaling, a mapping of its fields or None")
+        if scaling is not None and scaling.type != "linear" and scaling.original_max_position_embeddings is None:
+            scaling = dataclasses.replace(
+                scaling, original_max_position_embeddings=self.max_position_embeddings)
+        if scaling is not None and scaling.type == "dynamic" and self.rotary_dim <= 2:
+            raise ValueError(f"dynamic rope scaling needs more than 2 rotary dims, got {self.rotary_dim}")
+        object.__setattr__(self, "rope_scaling", scaling)
 
     @property
     def rotary_dim(self) -> int:

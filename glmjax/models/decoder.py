@@ -429,7 +429,8 @@ class Decoder(nnx.Module):
           segment_ids: int [batch, seq] for packed rows (0 = padding); None = one segment per row.
         """
         positions = _default_positions(input_ids) if positions is None else positions
-        cos, sin = rotary_angles(positions, self.config.rotary_dim, self.config.rope_theta)
+        cos, sin = rotary_angles(positions, self.config.rotary_dim, self.config.rope_theta,
+                                 self.config.rope_scaling, None if segment_ids is None else segment_ids > 0)
         inputs = _AttentionInputs(cos, sin, segment_ids, None, None)
         x, _ = self._run_layers(self.embed(input_ids), inputs, None)
         with jax.named_scope("final_norm"):
@@ -479,7 +480,8 @@ class Decoder(nnx.Module):
         valid = jnp.ones((batch, t), bool) if valid is None else valid
         new_segments = valid.astype(jnp.int32)
         cache_segment_ids = _write_rows(cache.segment_ids, new_segments, cache.lengths)
-        cos, sin = rotary_angles(positions, self.config.rotary_dim, self.config.rope_theta)
+        cos, sin = rotary_angles(positions, self.config.rotary_dim, self.config.rope_theta,
+                                 self.config.rope_scaling, valid)
         inputs = _AttentionInputs(cos, sin, None if prefill else new_segments, cache_segment_ids,
                                   cache.lengths, "prefill" if prefill else "decode")
         x, (k, v) = self._run_layers(self.embed(input_ids), inputs, cache)
