@@ -179,32 +179,42 @@ def _triton_modules(lowered):
   return found
 
 
-def test_lowers_to_triton_for_cuda_without_a_gpu():
+@pytest.mark.parametrize("dtype,seq,heads,kv_heads,head_dim,causal,offset_shape,warps", [
+    (jnp.bfloat16, 256, 4, 2, 64, True, (), 4),
+    # 3 query heads per KV head, 192 keys (3 blocks of 64), head_dim 128, per-row offsets.
+    (jnp.float32, 192, 6, 2, 128, False, (2,), 8),
+])
+def test_lowers_to_triton_for_cuda_without_a_gpu(dtype, seq, heads, kv_heads, head_dim, causal,
+                                                 offset_shape, warps):
   """Forward and both backward kernels lower through Pallas' Triton path for CUDA (the jaxlib
   0.10.2 lowering emits Triton IR in a custom call; PTX is compiled by XLA on a GPU host, which
-  this test cannot do). No [seq, seq] array appears in the surrounding program."""
-  batch, seq, heads, kv_heads, head_dim = 2, 256, 4, 2, 64
+  this test cannot do). No [seq, seq] array appears in the surrounding program; fp32 products
+  are IEEE fp32 under ``jax_default_matmul_precision="highest"``."""
+  batch = 2
   mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=jax.sharding.AbstractDevice(
       device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda"))
 
   def loss(q, k, v, segments, offset):
-    out = flash_attention(q, k, v, q_segment_ids=segments, kv_segment_ids=segments, q_offset=offset)
+    out = flash_attention(q, k, v, q_segment_ids=segments, kv_segment_ids=segments, q_offset=offset,
+                          causal=causal)
     return jnp.sum(out.astype(jnp.float32))
 
   shape = jax.ShapeDtypeStruct
-  args = (shape((batch, seq, heads, head_dim), jnp.bfloat16),
-          shape((batch, seq, kv_heads, head_dim), jnp.bfloat16),
-          shape((batch, seq, kv_heads, head_dim), jnp.bfloat16),
-          shape((batch, seq), jnp.int32), shape((), jnp.int32))
+  args = (shape((batch, seq, heads, head_dim), dtype),
+          shape((batch, seq, kv_heads, head_dim), dtype),
+          shape((batch, seq, kv_heads, head_dim), dtype),
+          shape((batch, seq), jnp.int32), shape(offset_shape, jnp.int32))
   with jax.sharding.use_abstract_mesh(mesh):
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
         lowering_platforms=("cuda",))
   assert f"{seq}x{seq}" not in lowered.as_text()
-  modules = {name: (warps, text) for name, warps, text in _triton_modules(lowered)}
+  modules = {name: (num_warps, text) for name, num_warps, text in _triton_modules(lowered)}
   assert sorted(modules) == ["flash_attention_dkdv", "flash_attention_dq", "flash_attention_forward"]
   # Matrix products per tile: QK^T and PV; QK^T, dO V^T and dS K; plus P^T dO and dS^T Q.
   dots = {"flash_attention_forward": 2, "flash_attention_dq": 3, "flash_attention_dkdv": 4}
-  for name, (warps, text) in modules.items():
-    assert warps == 4, name
+  for name, (num_warps, text) in modules.items():
+    assert num_warps == warps, name
     assert text.count("tt.dot ") == dots[name], name
     assert "scf.for" in text and "scf.if" in text, name  # key/query loop, empty-tile skip
+    if dtype == jnp.float32:  # conftest sets jax_default_matmul_precision="highest"
+      assert "inputPrecision" not in text, name  # IEEE is the attribute's default: not printed

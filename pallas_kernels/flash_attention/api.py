@@ -13,6 +13,8 @@ from pallas_kernels.platform import current_platform
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _MIN_BLOCK = 16  # Triton's tl.dot needs every dimension >= 16
+# ``jax_default_matmul_precision`` values that ask for full fp32 products.
+_FULL_FP32 = ("highest", "float32", "F32_F32_F32")
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -104,6 +106,10 @@ def flash_attention(
     interpret: run the kernels in the Pallas interpreter (CPU tests). Without it the platform
       (the ambient mesh's, else the default backend) must be a GPU.
 
+  Precision: fp32 inputs are multiplied in TF32 on GPU (as XLA does by default) unless
+  ``jax_default_matmul_precision`` is "highest"/"float32"/"F32_F32_F32", which gives IEEE fp32;
+  softmax statistics and accumulators are fp32 in every case.
+
   Returns:
     ``[batch, seq_q, heads, head_dim]`` in q's dtype; rows that see no key are 0.
 
@@ -124,7 +130,9 @@ def flash_attention(
       sm_scale=1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale),
       causal=bool(causal), block_q=bq, block_k=bk,
       num_warps=(4 if dim <= 64 else 8) if num_warps is None else num_warps,
-      num_stages=num_stages, interpret=interpret)
+      num_stages=num_stages, interpret=interpret,
+      precision=(jax.lax.Precision.HIGHEST if q.dtype == jnp.float32
+                 and jax.config.jax_default_matmul_precision in _FULL_FP32 else None))
   seq_q_pad, seq_kv_pad = pl.cdiv(seq_q, bq) * bq, pl.cdiv(seq_kv, bk) * bk
   q = _pad_axis(_pad_axis(q, 1, seq_q_pad), 3, dim)
   k = _pad_axis(_pad_axis(k, 1, seq_kv_pad), 3, dim)

@@ -46,6 +46,9 @@ class KernelConfig:
     block_q, block_k: tile sizes along queries and keys (powers of two >= 16).
     num_warps, num_stages: Triton launch settings.
     interpret: run in the Pallas interpreter (any platform) instead of compiling for GPU.
+    precision: of every matrix product; ``lax.Precision.HIGHEST`` makes fp32 products IEEE
+      fp32 on GPU, None leaves Triton's default (TF32 for fp32 inputs; bf16/fp16 inputs are
+      multiplied as they are, accumulating in fp32 either way).
   """
   sm_scale: float
   causal: bool
@@ -54,6 +57,7 @@ class KernelConfig:
   num_warps: int
   num_stages: int
   interpret: bool
+  precision: lax.Precision | None = None
 
 
 def _allowed(q_seg: jax.Array, kv_seg: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
@@ -88,6 +92,12 @@ def _query_blocks_start(offset: jax.Array, k_start: jax.Array, cfg: KernelConfig
   return jnp.minimum(lax.div(first_query, cfg.block_q), num_q_blocks)
 
 
+def _dot(cfg: KernelConfig, a: jax.Array, b: jax.Array, trans_a: bool = False,
+         trans_b: bool = False) -> jax.Array:
+  """fp32 matrix product of 2-D tiles at the configured precision."""
+  return pl.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=cfg.precision)
+
+
 def _iota(size: int) -> jax.Array:
   return lax.broadcasted_iota(jnp.int32, (size,), 0)
 
@@ -112,13 +122,13 @@ def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_re
 
     def update(carry):
       acc, row_max, row_sum = carry
-      logits = pl.dot(q, k_ref[keys, :], trans_b=True) * cfg.sm_scale  # [bq, bk] fp32
+      logits = _dot(cfg, q, k_ref[keys, :], trans_b=True) * cfg.sm_scale  # [bq, bk] fp32
       logits = jnp.where(allowed, logits, _MASKED)
       new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
       probs = jnp.where(allowed, jnp.exp(logits - new_max[:, None]), 0.0)
       rescale = jnp.exp(row_max - new_max)
       v = v_ref[keys, :]
-      acc = acc * rescale[:, None] + pl.dot(probs.astype(v.dtype), v)
+      acc = acc * rescale[:, None] + _dot(cfg, probs.astype(v.dtype), v)
       return acc, new_max, row_sum * rescale + jnp.sum(probs, axis=1)
 
     return lax.cond(_any(allowed), update, lambda carry: carry, carry)
@@ -152,11 +162,11 @@ def _dq_kernel(offset_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, l
 
     def update(dq):
       k, v = k_ref[keys, :], v_ref[keys, :]
-      logits = pl.dot(q, k, trans_b=True) * cfg.sm_scale
+      logits = _dot(cfg, q, k, trans_b=True) * cfg.sm_scale
       probs = jnp.where(allowed, jnp.exp(logits - lse[:, None]), 0.0)
-      probs_grad = pl.dot(do, v, trans_b=True)
+      probs_grad = _dot(cfg, do, v, trans_b=True)
       logits_grad = probs * (probs_grad - delta[:, None])
-      return dq + pl.dot(logits_grad.astype(k.dtype), k)
+      return dq + _dot(cfg, logits_grad.astype(k.dtype), k)
 
     return lax.cond(_any(allowed), update, lambda dq: dq, dq)
 
@@ -187,12 +197,12 @@ def _dkdv_kernel(offset_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref,
       dk, dv = carry
       q, do = q_ref[rows, g, :], do_ref[rows, g, :]
       lse, delta = lse_ref[g, rows], delta_ref[g, rows]
-      logits = pl.dot(q, k, trans_b=True) * cfg.sm_scale
+      logits = _dot(cfg, q, k, trans_b=True) * cfg.sm_scale
       probs = jnp.where(allowed, jnp.exp(logits - lse[:, None]), 0.0)
-      dv = dv + pl.dot(probs.astype(do.dtype), do, trans_a=True)
-      probs_grad = pl.dot(do, v, trans_b=True)
+      dv = dv + _dot(cfg, probs.astype(do.dtype), do, trans_a=True)
+      probs_grad = _dot(cfg, do, v, trans_b=True)
       logits_grad = probs * (probs_grad - delta[:, None])
-      dk = dk + pl.dot(logits_grad.astype(q.dtype), q, trans_a=True)
+      dk = dk + _dot(cfg, logits_grad.astype(q.dtype), q, trans_a=True)
       return dk, dv
 
     return lax.cond(_any(allowed), lambda c: lax.fori_loop(0, groups, head, c), lambda c: c, carry)
