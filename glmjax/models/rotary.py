@@ -51,8 +51,8 @@ class RopeScaling:
       truncate: yarn: round the ramp bounds outwards to whole dims (transformers' default).
     """
 
-    type: RopeType = "linear"
-    factor: float = 1.0
+    type: RopeType
+    factor: float
     original_max_position_embeddings: int | None = None
     beta_fast: float = 32.0
     beta_slow: float = 1.0
