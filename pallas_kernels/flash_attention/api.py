@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.flash_attention import kernels
+from pallas_kernels.flash_attention.block_ranges import block_segment_bounds, visible_block_ranges
 from pallas_kernels.platform import current_platform
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -81,8 +82,9 @@ def flash_attention(
 
   Query i of row b attends to key j when ``q_segment_ids[b, i] == kv_segment_ids[b, j] != 0``
   and, if ``causal``, ``j <= q_offset + i``. The kernels never build a ``[seq_q, seq_kv]`` mask
-  or score matrix: they stream key blocks with an fp32 online softmax, stop at the diagonal (the
-  bound is computed from the offset at run time) and skip tiles whose mask is empty.
+  or score matrix: they stream key blocks with an fp32 online softmax over the intersection of
+  the causal range (stopping at the diagonal, computed from the offset at run time) and the
+  blocks that hold the query block's packed documents (see :mod:`block_ranges`).
   Differentiable (``jax.custom_vjp`` with Pallas dq and dk/dv kernels; the forward saves only
   its output and the fp32 log-sum-exp per query).
 
@@ -140,31 +142,36 @@ def flash_attention(
   q_seg = _pad_axis(q_segment_ids.astype(jnp.int32), 1, seq_q_pad)
   kv_seg = _pad_axis(kv_segment_ids.astype(jnp.int32), 1, seq_kv_pad)
   offsets = jnp.broadcast_to(offset.astype(jnp.int32), (batch,))
-  out = _flash(q, k, v, q_seg, kv_seg, offsets, cfg)
+  q_bounds, kv_bounds = block_segment_bounds(q_seg, bq), block_segment_bounds(kv_seg, bk)
+  key_ranges = visible_block_ranges(q_bounds, kv_bounds)
+  query_ranges = visible_block_ranges(kv_bounds, q_bounds)
+  out = _flash(q, k, v, q_seg, kv_seg, offsets, key_ranges, query_ranges, cfg)
   return out[:, :seq_q, :, :head_dim]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _flash(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array, kv_seg: jax.Array,
-           offsets: jax.Array, cfg: kernels.KernelConfig) -> jax.Array:
+           offsets: jax.Array, key_ranges: jax.Array, query_ranges: jax.Array,
+           cfg: kernels.KernelConfig) -> jax.Array:
   """Padded core (layouts of :mod:`kernels`): the attention output only."""
-  return kernels.forward(q, k, v, q_seg, kv_seg, offsets, cfg)[0]
+  return kernels.forward(q, k, v, q_seg, kv_seg, offsets, key_ranges, cfg)[0]
 
 
-def _flash_fwd(q, k, v, q_seg, kv_seg, offsets, cfg):
-  out, lse = kernels.forward(q, k, v, q_seg, kv_seg, offsets, cfg)
-  return out, (q, k, v, q_seg, kv_seg, offsets, out, lse)
+def _flash_fwd(q, k, v, q_seg, kv_seg, offsets, key_ranges, query_ranges, cfg):
+  out, lse = kernels.forward(q, k, v, q_seg, kv_seg, offsets, key_ranges, cfg)
+  return out, (q, k, v, q_seg, kv_seg, offsets, key_ranges, query_ranges, out, lse)
 
 
 def _flash_bwd(cfg, residuals, out_grad):
-  q, k, v, q_seg, kv_seg, offsets, out, lse = residuals
+  q, k, v, q_seg, kv_seg, offsets, key_ranges, query_ranges, out, lse = residuals
   # Softmax backward: dS = P * (dP - delta) with delta_i = sum_j P_ij dP_ij = <dO_i, O_i>.
   # (An elementwise product, not an einsum: GPU matmuls may round fp32 to TF32.)
   delta = jnp.sum(out_grad.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   delta = delta.transpose(0, 2, 1)  # [batch, heads, seq_q]
-  dq = kernels.query_grad(q, k, v, q_seg, kv_seg, offsets, out_grad, lse, delta, cfg)
-  dk, dv = kernels.key_value_grads(q, k, v, q_seg, kv_seg, offsets, out_grad, lse, delta, cfg)
-  return dq, dk, dv, None, None, None
+  dq = kernels.query_grad(q, k, v, q_seg, kv_seg, offsets, key_ranges, out_grad, lse, delta, cfg)
+  dk, dv = kernels.key_value_grads(q, k, v, q_seg, kv_seg, offsets, query_ranges, out_grad, lse,
+                                   delta, cfg)
+  return dq, dk, dv, None, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -11,13 +11,17 @@ Layouts (already padded by :mod:`pallas_kernels.flash_attention.api`):
   q_segment_ids ``[batch, seq_q]``, kv_segment_ids ``[batch, seq_kv]``: int32, 0 = padding
   offsets ``[batch]`` int32: position of query 0 among the keys (causal rule
     ``key <= offset + query``)
+  key_ranges ``[batch, seq_q // block_q, 2]``, query_ranges ``[batch, seq_kv // block_k, 2]``
+    int32: ``[start, end)`` of the blocks of the other side that may share a segment (see
+    :mod:`pallas_kernels.flash_attention.block_ranges`)
   lse, delta: ``[batch, heads, seq_q]`` float32
 ``seq_q`` is a multiple of ``block_q``, ``seq_kv`` of ``block_k``; ``head_dim`` and both block
 sizes are powers of two >= 16 (Triton's ``tl.dot`` and power-of-two tensor shapes).
 
-Skipping: the causal rule bounds each key loop by the diagonal (computed from the offset at run
-time), and a tile whose mask is empty (for example two different packed documents) skips its
-matrix products through a branch.
+Skipping: each loop runs over the intersection of the causal range (the diagonal, computed
+from the offset at run time) and the segment range (the blocks of the same packed documents),
+so tiles above the diagonal or across documents are never loaded. Tiles inside both ranges are
+computed in full and masked elementwise.
 """
 from __future__ import annotations
 
@@ -69,11 +73,6 @@ def _allowed(q_seg: jax.Array, kv_seg: jax.Array, q_pos: jax.Array, k_pos: jax.A
   return allowed
 
 
-def _any(mask: jax.Array) -> jax.Array:
-  """Scalar bool: some entry of the 2-D ``mask`` is True (single-axis reductions only)."""
-  return jnp.max(jnp.max(mask.astype(jnp.int32), axis=1), axis=0) > 0
-
-
 def _key_blocks_end(offset: jax.Array, q_start: jax.Array, cfg: KernelConfig,
                     num_k_blocks: int) -> jax.Array | int:
   """Number of key blocks the query block at ``q_start`` can see (all of them if not causal)."""
@@ -102,12 +101,12 @@ def _iota(size: int) -> jax.Array:
   return lax.broadcasted_iota(jnp.int32, (size,), 0)
 
 
-def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *,
-                    cfg: KernelConfig, num_q_blocks: int, num_k_blocks: int):
+def _forward_kernel(offset_ref, range_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref,
+                    lse_ref, *, cfg: KernelConfig, num_q_blocks: int, num_k_blocks: int):
   """One (query block, batch row, head): online softmax over the visible key blocks.
 
   Refs: q/o ``[block_q, d]``, k/v ``[seq_kv, d]``, q_seg ``[block_q]``, kv_seg ``[seq_kv]``,
-  lse ``[block_q]``, offset ``[1]``.
+  lse ``[block_q]``, offset ``[1]``, range ``[2]``.
   """
   q_start = (num_q_blocks - 1 - pl.program_id(0)) * cfg.block_q  # longest rows first
   offset = offset_ref[0]
@@ -116,35 +115,31 @@ def _forward_kernel(offset_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_re
   q_seg = q_seg_ref[...]
 
   def step(j, carry):
+    acc, row_max, row_sum = carry
     keys = pl.ds(j * cfg.block_k, cfg.block_k)
     allowed = _allowed(q_seg, kv_seg_ref[keys], q_pos, j * cfg.block_k + _iota(cfg.block_k),
                        cfg.causal)
-
-    def update(carry):
-      acc, row_max, row_sum = carry
-      logits = _dot(cfg, q, k_ref[keys, :], trans_b=True) * cfg.sm_scale  # [bq, bk] fp32
-      logits = jnp.where(allowed, logits, _MASKED)
-      new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
-      probs = jnp.where(allowed, jnp.exp(logits - new_max[:, None]), 0.0)
-      rescale = jnp.exp(row_max - new_max)
-      v = v_ref[keys, :]
-      acc = acc * rescale[:, None] + _dot(cfg, probs.astype(v.dtype), v)
-      return acc, new_max, row_sum * rescale + jnp.sum(probs, axis=1)
-
-    return lax.cond(_any(allowed), update, lambda carry: carry, carry)
+    logits = _dot(cfg, q, k_ref[keys, :], trans_b=True) * cfg.sm_scale  # [bq, bk] fp32
+    logits = jnp.where(allowed, logits, _MASKED)
+    new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
+    probs = jnp.where(allowed, jnp.exp(logits - new_max[:, None]), 0.0)
+    rescale = jnp.exp(row_max - new_max)
+    v = v_ref[keys, :]
+    acc = acc * rescale[:, None] + _dot(cfg, probs.astype(v.dtype), v)
+    return acc, new_max, row_sum * rescale + jnp.sum(probs, axis=1)
 
   init = (jnp.zeros(q.shape, jnp.float32), jnp.full((cfg.block_q,), _MASKED, jnp.float32),
           jnp.zeros((cfg.block_q,), jnp.float32))
-  acc, row_max, row_sum = lax.fori_loop(
-      0, _key_blocks_end(offset, q_start, cfg, num_k_blocks), step, init)
+  end = jnp.minimum(range_ref[1], _key_blocks_end(offset, q_start, cfg, num_k_blocks))
+  acc, row_max, row_sum = lax.fori_loop(range_ref[0], end, step, init)
   seen = row_sum > 0
   o_ref[...] = (acc / jnp.where(seen, row_sum, 1.0)[:, None]).astype(o_ref.dtype)
   # Rows with no visible key store +inf: their recomputed probabilities exp(s - lse) are 0.
   lse_ref[...] = jnp.where(seen, row_max + jnp.log(jnp.where(seen, row_sum, 1.0)), jnp.inf)
 
 
-def _dq_kernel(offset_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, *, cfg: KernelConfig, num_q_blocks: int, num_k_blocks: int):
+def _dq_kernel(offset_ref, range_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref,
+               delta_ref, dq_ref, *, cfg: KernelConfig, num_q_blocks: int, num_k_blocks: int):
   """One (query block, batch row, head): dq = scale * sum_j dS_j K_j over visible key blocks.
 
   Refs as in the forward kernel, plus do/dq ``[block_q, d]`` and lse/delta ``[block_q]``.
@@ -159,29 +154,26 @@ def _dq_kernel(offset_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, l
     keys = pl.ds(j * cfg.block_k, cfg.block_k)
     allowed = _allowed(q_seg, kv_seg_ref[keys], q_pos, j * cfg.block_k + _iota(cfg.block_k),
                        cfg.causal)
+    k, v = k_ref[keys, :], v_ref[keys, :]
+    logits = _dot(cfg, q, k, trans_b=True) * cfg.sm_scale
+    probs = jnp.where(allowed, jnp.exp(logits - lse[:, None]), 0.0)
+    probs_grad = _dot(cfg, do, v, trans_b=True)
+    logits_grad = probs * (probs_grad - delta[:, None])
+    return dq + _dot(cfg, logits_grad.astype(k.dtype), k)
 
-    def update(dq):
-      k, v = k_ref[keys, :], v_ref[keys, :]
-      logits = _dot(cfg, q, k, trans_b=True) * cfg.sm_scale
-      probs = jnp.where(allowed, jnp.exp(logits - lse[:, None]), 0.0)
-      probs_grad = _dot(cfg, do, v, trans_b=True)
-      logits_grad = probs * (probs_grad - delta[:, None])
-      return dq + _dot(cfg, logits_grad.astype(k.dtype), k)
-
-    return lax.cond(_any(allowed), update, lambda dq: dq, dq)
-
-  dq = lax.fori_loop(0, _key_blocks_end(offset, q_start, cfg, num_k_blocks), step,
-                     jnp.zeros(q.shape, jnp.float32))
+  end = jnp.minimum(range_ref[1], _key_blocks_end(offset, q_start, cfg, num_k_blocks))
+  dq = lax.fori_loop(range_ref[0], end, step, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(offset_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref,
-                 delta_ref, dk_ref, dv_ref, *, cfg: KernelConfig, groups: int, num_q_blocks: int):
+def _dkdv_kernel(offset_ref, range_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref,
+                 lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: KernelConfig, groups: int,
+                 num_q_blocks: int):
   """One (key block, batch row, KV head): dk, dv summed over the visible query blocks of all
   ``groups`` query heads that read this KV head.
 
   Refs: q/do ``[seq_q, groups, d]``, k/v/dk/dv ``[block_k, d]``, q_seg ``[seq_q]``, kv_seg
-  ``[block_k]``, lse/delta ``[groups, seq_q]``, offset ``[1]``.
+  ``[block_k]``, lse/delta ``[groups, seq_q]``, offset ``[1]``, range ``[2]``.
   """
   k_start = pl.program_id(0) * cfg.block_k
   offset = offset_ref[0]
@@ -205,11 +197,11 @@ def _dkdv_kernel(offset_ref, q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref,
       dk = dk + _dot(cfg, logits_grad.astype(q.dtype), q, trans_a=True)
       return dk, dv
 
-    return lax.cond(_any(allowed), lambda c: lax.fori_loop(0, groups, head, c), lambda c: c, carry)
+    return lax.fori_loop(0, groups, head, carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = lax.fori_loop(_query_blocks_start(offset, k_start, cfg, num_q_blocks), num_q_blocks,
-                         query_block, (zeros, zeros))
+  start = jnp.maximum(range_ref[0], _query_blocks_start(offset, k_start, cfg, num_q_blocks))
+  dk, dv = lax.fori_loop(start, range_ref[1], query_block, (zeros, zeros))
   dk_ref[...] = (dk * cfg.sm_scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -219,7 +211,7 @@ def _compiler_params(cfg: KernelConfig) -> plgpu.CompilerParams:
 
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
-            kv_segment_ids: jax.Array, offsets: jax.Array,
+            kv_segment_ids: jax.Array, offsets: jax.Array, key_ranges: jax.Array,
             cfg: KernelConfig) -> tuple[jax.Array, jax.Array]:
   """Output ``[batch, seq_q, heads, d]`` (q's dtype) and log-sum-exp ``[batch, heads, seq_q]``
   (fp32, natural log, +inf for rows with no visible key). Layouts: see the module docstring."""
@@ -235,6 +227,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
       grid=(nq, batch, heads),
       in_specs=[
           pl.BlockSpec((1,), lambda i, b, h: (b,)),
+          pl.BlockSpec((None, None, 2), lambda i, b, h: (b, nq - 1 - i, 0)),
           q_tile, kv_all, kv_all,
           pl.BlockSpec((None, cfg.block_q), lambda i, b, h: (b, nq - 1 - i)),
           pl.BlockSpec((None, seq_kv), lambda i, b, h: (b, 0)),
@@ -245,11 +238,12 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
       compiler_params=_compiler_params(cfg),
       interpret=cfg.interpret,
       name="flash_attention_forward",
-  )(offsets, q, k, v, q_segment_ids, kv_segment_ids)
+  )(offsets, key_ranges, q, k, v, q_segment_ids, kv_segment_ids)
 
 
 def query_grad(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
-               kv_segment_ids: jax.Array, offsets: jax.Array, out_grad: jax.Array,
+               kv_segment_ids: jax.Array, offsets: jax.Array, key_ranges: jax.Array,
+               out_grad: jax.Array,
                lse: jax.Array, delta: jax.Array, cfg: KernelConfig) -> jax.Array:
   """dq ``[batch, seq_q, heads, d]`` in q's dtype; ``delta = sum(out * out_grad, -1)`` as
   ``[batch, heads, seq_q]`` fp32."""
@@ -266,6 +260,7 @@ def query_grad(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Arra
       grid=(nq, batch, heads),
       in_specs=[
           pl.BlockSpec((1,), lambda i, b, h: (b,)),
+          pl.BlockSpec((None, None, 2), lambda i, b, h: (b, nq - 1 - i, 0)),
           q_tile, kv_all, kv_all,
           pl.BlockSpec((None, cfg.block_q), lambda i, b, h: (b, nq - 1 - i)),
           pl.BlockSpec((None, seq_kv), lambda i, b, h: (b, 0)),
@@ -276,11 +271,12 @@ def query_grad(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Arra
       compiler_params=_compiler_params(cfg),
       interpret=cfg.interpret,
       name="flash_attention_dq",
-  )(offsets, q, k, v, q_segment_ids, kv_segment_ids, out_grad, lse, delta)
+  )(offsets, key_ranges, q, k, v, q_segment_ids, kv_segment_ids, out_grad, lse, delta)
 
 
 def key_value_grads(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
-                    kv_segment_ids: jax.Array, offsets: jax.Array, out_grad: jax.Array,
+                    kv_segment_ids: jax.Array, offsets: jax.Array, query_ranges: jax.Array,
+                    out_grad: jax.Array,
                     lse: jax.Array, delta: jax.Array,
                     cfg: KernelConfig) -> tuple[jax.Array, jax.Array]:
   """dk, dv ``[batch, seq_kv, kv_heads, d]`` in k's and v's dtypes, each KV head's gradient
@@ -298,6 +294,7 @@ def key_value_grads(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax
       grid=(nk, batch, kv_heads),
       in_specs=[
           pl.BlockSpec((1,), lambda j, b, h: (b,)),
+          pl.BlockSpec((None, None, 2), lambda j, b, h: (b, j, 0)),
           q_group, kv_tile, kv_tile,
           pl.BlockSpec((None, seq_q), lambda j, b, h: (b, 0)),
           pl.BlockSpec((None, cfg.block_k), lambda j, b, h: (b, j)),
@@ -308,4 +305,4 @@ def key_value_grads(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax
       compiler_params=_compiler_params(cfg),
       interpret=cfg.interpret,
       name="flash_attention_dkdv",
-  )(offsets, q, k, v, q_segment_ids, kv_segment_ids, out_grad, lse, delta)
+  )(offsets, query_ranges, q, k, v, q_segment_ids, kv_segment_ids, out_grad, lse, delta)
