@@ -92,3 +92,24 @@ def test_end_to_end_sparse_structured_input():
   dense = _dense_numpy(q, k, v, True)
   rel = np.linalg.norm(np.asarray(out) - dense) / np.linalg.norm(dense)
   assert rel < 0.1, rel
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_pallas_attends_every_listed_block_of_full_lists(causal):
+  """Lists of every length up to all key blocks (counts 0 .. nk, odd and even, so both
+  DMA slots are used last): the Pallas kernel drops no listed block (fp32, 2e-5)."""
+  b, s, h, kvh, d, bq, bk = 1, 128, 2, 1, 16, 16, 16
+  q, k, v = random_qkv(77, b, s, h, kvh, d)
+  layout = BlockLayout.create(s, bq, bk, causal, window_ratio=0.1)
+  allowed = layout.allowed_blocks()
+  mask = np.zeros((b, h, layout.num_q_blocks, layout.num_k_blocks), bool)
+  mask[:, 0] = allowed  # head 0: every attendable block (the longest lists)
+  for i in range(layout.num_q_blocks):  # head 1: the first i attendable blocks of row i
+    mask[0, 1, i, np.flatnonzero(allowed[i])[:i]] = True
+  sel = selection_from_mask(jnp.asarray(mask), layout)
+  assert int(sel.counts.max()) == (layout.num_q_blocks if causal else layout.num_k_blocks)
+  tokens = np.repeat(np.repeat(mask, bq, 2), bk, 3)[..., :s, :s]
+  want = _dense_numpy(q, k, v, causal, tokens)
+  out = sample_attention(q, k, v, causal=causal, block_q=bq, block_k=bk, window_ratio=0.1,
+                         selection=sel, backend="pallas", interpret=True)
+  np.testing.assert_allclose(out, want, rtol=RTOL, atol=ATOL)

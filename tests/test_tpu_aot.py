@@ -124,3 +124,96 @@ def test_sample_attention_pallas_kernel_compiles_for_tpu():
         compiled = attend.lower(q, kv, kv).compile()
     assert "tpu_custom_call" in compiled.as_text()
     assert compiled.output_shardings.shard_shape(q.shape) == (1, seq, heads, head_dim)
+
+
+def _one_chip_mesh(topology):
+    """A 1-device mesh on the first chip of ``topology`` (the kernel's single-chip program)."""
+    return sharding.make_mesh((1, 1, 1, 1), devices=list(hardware.tpu_topology_mesh(topology, (-1, 1, 1, 1)).devices.flat)[:1])
+
+
+def _glm4_9b_attention_inputs(mesh, seq):
+    """bf16 q [1, seq, 32, 128] and k/v [1, seq, 2, 128] (GLM-4-9B's heads), replicated."""
+    spec = NamedSharding(mesh, PartitionSpec())
+    q = jax.ShapeDtypeStruct((1, seq, 32, 128), jnp.bfloat16, sharding=spec)
+    kv = jax.ShapeDtypeStruct((1, seq, 2, 128), jnp.bfloat16, sharding=spec)
+    return q, kv
+
+
+@pytest.mark.parametrize("seq", [
+    32768, 131072, pytest.param(1 << 20, marks=pytest.mark.slow)])
+def test_sample_attention_kernel_compiles_at_long_context(seq, capsys):
+    """The Pallas kernel alone (any selection: lists as abstract inputs) at GLM-4-9B's heads,
+    block 128. Its SMEM holds two list rows (64 KiB at 1M), not all lists (128 MiB at 128K
+    with the former scalar prefetch)."""
+    from pallas_kernels.sample_attention import BlockLayout, Selection
+    from pallas_kernels.sample_attention.pallas_tpu import pallas_sample_attention, smem_bytes_per_call
+
+    mesh = _one_chip_mesh("v5p:2x2x1")
+    layout = BlockLayout.create(seq, 128, 128, causal=True, window_ratio=0.08)
+    nq, nk = layout.num_q_blocks, layout.num_k_blocks
+    spec = NamedSharding(mesh, PartitionSpec())
+    arg = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=spec)
+
+    def kernel(q, k, v, blocks, counts):
+        selection = Selection(blocks, counts, jnp.zeros((1, 32), jnp.float32))
+        return pallas_sample_attention(q, k, v, selection, layout, 128 ** -0.5)
+
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(kernel).lower(
+            arg((1, 32, seq, 128), jnp.bfloat16), arg((1, 2, seq, 128), jnp.bfloat16),
+            arg((1, 2, seq, 128), jnp.bfloat16), arg((1, 32, nq, nk), jnp.int32),
+            arg((1, 32, nq), jnp.int32)).compile()
+    assert "tpu_custom_call" in compiled.as_text()
+    assert smem_bytes_per_call(nk) <= 64 * 1024 < 4 * 32 * nq * nk  # rows, not all the lists
+    with capsys.disabled():
+        print(f"\nsample attention kernel seq {seq}: SMEM {smem_bytes_per_call(nk)} B per call "
+              f"(scalar-prefetched lists would be {4 * 32 * nq * (nk + 1)} B), XLA temp "
+              f"{compiled.memory_analysis().temp_size_in_bytes / 2**30:.3f} GiB")
+
+
+@pytest.mark.parametrize("seq,stage", [
+    (32768, "selection"),
+    pytest.param(32768, "attention", marks=pytest.mark.slow),
+    pytest.param(131072, "selection", marks=pytest.mark.slow),
+    pytest.param(131072, "attention", marks=pytest.mark.slow),
+    pytest.param(1 << 20, "selection", marks=pytest.mark.slow),
+    pytest.param(1 << 20, "attention", marks=pytest.mark.slow),
+])
+def test_sample_attention_stages_compile_at_long_context(seq, stage, capsys):
+    """Stages 1+2 alone and the whole call (stages + kernel) for one v5p chip (95 GiB HBM):
+    their memory is printed, and must fit the chip."""
+    from pallas_kernels.sample_attention import sample_attention_selection
+
+    mesh = _one_chip_mesh("v5p:2x2x1")
+    q, kv = _glm4_9b_attention_inputs(mesh, seq)
+    with jax.set_mesh(mesh):
+        if stage == "selection":
+            compiled = jax.jit(lambda q, k: sample_attention_selection(q, k, alpha=0.95)).lower(q, kv).compile()
+        else:
+            compiled = jax.jit(lambda q, k, v: sample_attention(q, k, v, alpha=0.95)).lower(q, kv, kv).compile()
+            assert "tpu_custom_call" in compiled.as_text()
+    memory = compiled.memory_analysis()
+    total = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+    assert total < 95 * 2**30
+    with capsys.disabled():
+        print(f"\nsample attention {stage} seq {seq} on one v5p chip: arguments "
+              f"{memory.argument_size_in_bytes / 2**30:.3f} GiB, output "
+              f"{memory.output_size_in_bytes / 2**30:.3f} GiB, temporaries "
+              f"{memory.temp_size_in_bytes / 2**30:.3f} GiB")
+
+
+def test_sharded_sample_attention_compiles_for_tensor_parallel_tpu():
+    """GLM-4-9B heads on 4 v5p chips, tensor 4: query heads split, the 2 KV heads sliced."""
+    from glmjax.models.sparse_attention import sharded_sample_attention
+
+    mesh = hardware.tpu_topology_mesh("v5p:2x2x1", (1, 1, 4, 1))
+    seq = 8192
+    q = jax.ShapeDtypeStruct((1, seq, 32, 128), jnp.bfloat16, sharding=sharding.named_sharding(
+        ("act_batch", "act_seq", "act_heads", "act_head_dim"), (1, seq, 32, 128), mesh))
+    kv = jax.ShapeDtypeStruct((1, seq, 2, 128), jnp.bfloat16, sharding=sharding.named_sharding(
+        ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"), (1, seq, 2, 128), mesh))
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(lambda q, k, v: sharded_sample_attention(q, k, v, alpha=0.95)).lower(
+            q, kv, kv).compile()
+    assert "tpu_custom_call" in compiled.as_text()
+    assert compiled.output_shardings.shard_shape(q.shape) == (1, seq, 8, 128)

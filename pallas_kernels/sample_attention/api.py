@@ -74,7 +74,8 @@ def sample_attention_selection(
 
 @functools.partial(jax.jit, static_argnames=(
     "alpha", "window_ratio", "row_ratio", "causal", "block_q", "block_k", "scale",
-    "backend", "return_selection", "interpret", "stage1_chunk_elems", "xla_group_rows"))
+    "backend", "return_selection", "interpret", "stage1_chunk_elems", "xla_group_rows",
+    "query_len"))
 def sample_attention(
     q: jax.Array,
     k: jax.Array,
@@ -93,6 +94,8 @@ def sample_attention(
     interpret: bool = False,
     stage1_chunk_elems: int = DEFAULT_STAGE1_CHUNK_ELEMS,
     xla_group_rows: int = DEFAULT_GROUP_ROWS,
+    query_start: int | jax.Array = 0,
+    query_len: int | None = None,
 ) -> jax.Array | tuple[jax.Array, Selection]:
   """SampleAttention prefill: local window + sampled key-block stripes.
 
@@ -116,10 +119,16 @@ def sample_attention(
     interpret: run the Pallas kernel in interpret mode (CPU testing).
     stage1_chunk_elems: max fp32 stage 1 scores held at once per head.
     xla_group_rows: query rows per step of the XLA backend's loop.
+    query_start, query_len: output only query rows ``[query_start, query_start +
+      query_len)`` (``query_start`` may be traced; ``query_len`` is static, default all
+      rows). The selection still uses the whole sequence (stage 1 samples rows across
+      it); the ``xla`` and ``pallas`` backends then attend only the query blocks covering
+      those rows (at most ``ceil(query_len / block_q) + 1``), while ``reference`` and
+      ``triton`` compute every row and slice.
 
   Returns:
-    Output ``[batch, seq, heads, head_dim]`` in ``q.dtype``, and the selection if
-    ``return_selection``.
+    Output ``[batch, query_len or seq, heads, head_dim]`` in ``q.dtype``, and the
+    selection (of all query blocks) if ``return_selection``.
   """
   _check_shapes(q, k, v)
   batch, seq, heads, d = q.shape
@@ -129,17 +138,34 @@ def sample_attention(
     selection = select_blocks(q, k, layout, alpha=alpha, row_ratio=row_ratio,
                               scale=scale, chunk_elems=stage1_chunk_elems)
   name = resolve_backend(backend)
+  rows = seq if query_len is None else query_len
+  if not 1 <= rows <= seq:
+    raise ValueError(f"query_len must be in [1, seq={seq}], got {query_len}")
+  start = jnp.asarray(query_start, jnp.int32)
   if name == "reference":
     out = reference_attention(q, k, v, selection, layout, scale)
+    out = jax.lax.dynamic_slice_in_dim(out, start, rows, axis=1)
+    return (out, selection) if return_selection else out
+  pad = ((0, 0), (0, 0), (0, layout.padded_len - seq), (0, 0))
+  qt, kt, vt = (jnp.pad(x.transpose(0, 2, 1, 3), pad) for x in (q, k, v))
+  if name == "triton":
+    from pallas_kernels.sample_attention.triton_gpu import triton_sample_attention
+    out = triton_sample_attention(qt, kt, vt, selection, layout, scale)
+    out = jax.lax.dynamic_slice_in_dim(out, start, rows, axis=2)
   else:
-    pad = ((0, 0), (0, 0), (0, layout.padded_len - seq), (0, 0))
-    qt, kt, vt = (jnp.pad(x.transpose(0, 2, 1, 3), pad) for x in (q, k, v))
+    # The query blocks covering rows [start, start + rows): a static count, a traced first.
+    bq = layout.block_q
+    n_blocks = min(layout.num_q_blocks, -(-rows // bq) + (rows != seq))
+    first = jnp.clip(start // bq, 0, layout.num_q_blocks - n_blocks)
+    local = Selection(
+        jax.lax.dynamic_slice_in_dim(selection.kv_blocks, first, n_blocks, axis=2),
+        jax.lax.dynamic_slice_in_dim(selection.counts, first, n_blocks, axis=2),
+        selection.density)
+    q_local = jax.lax.dynamic_slice_in_dim(qt, first * bq, n_blocks * bq, axis=2)
     if name == "xla":
-      out = xla_sample_attention(qt, kt, vt, selection, layout, scale, xla_group_rows)
-    elif name == "pallas":
-      out = pallas_sample_attention(qt, kt, vt, selection, layout, scale, interpret)
+      out = xla_sample_attention(q_local, kt, vt, local, layout, scale, xla_group_rows, first)
     else:
-      from pallas_kernels.sample_attention.triton_gpu import triton_sample_attention
-      out = triton_sample_attention(qt, kt, vt, selection, layout, scale)
-    out = out[:, :, :seq].transpose(0, 2, 1, 3)
+      out = pallas_sample_attention(q_local, kt, vt, local, layout, scale, interpret, first)
+    out = jax.lax.dynamic_slice_in_dim(out, start - first * bq, rows, axis=2)
+  out = out.transpose(0, 2, 1, 3)
   return (out, selection) if return_selection else out

@@ -56,38 +56,52 @@ class BlockLayout:
   def num_k_blocks(self) -> int:
     return self.padded_len // self.block_k
 
-  def token_pairs(self) -> np.ndarray:
-    """Attendable (query, key) token pairs per block pair, ``[nq, nk]`` int64.
+  @property
+  def total_pairs(self) -> int:
+    """Attendable (query, key) token pairs of the whole sequence."""
+    n = self.seq_len
+    return n * (n + 1) // 2 if self.causal else n * n
+
+  def token_pairs(self, xp=np):
+    """Attendable (query, key) token pairs per block pair, ``[nq, nk]`` int.
 
     Counts only real tokens (``< seq_len``) and, if causal, pairs with key <= query.
+    Closed form, O(nq * nk) memory; ``xp`` is ``numpy`` (trace-time constant, int64) or
+    ``jax.numpy`` (computed in the graph from iotas, int32: no ``[nq, nk]`` constant is
+    embedded in the program, which matters at 1M tokens).
     """
-    qpos = np.arange(self.padded_len).reshape(self.num_q_blocks, self.block_q)
-    kpos = np.arange(self.padded_len).reshape(self.num_k_blocks, self.block_k)
-    q_valid = qpos < self.seq_len
-    k_valid = kpos < self.seq_len
-    if self.causal:
-      # keys <= q among the valid ones: for each query count keys in block j below it.
-      lo = kpos[:, 0][None, :, None]  # [1, nk, 1]
-      hi = np.maximum(np.minimum(kpos[:, -1] + 1, self.seq_len), kpos[:, 0])[None, :, None]
-      n_keys = np.clip(qpos[:, None, :] + 1, lo, hi) - lo  # [nq, nk, bq]
-      return (n_keys * q_valid[:, None, :]).sum(-1)
-    return q_valid.sum(-1)[:, None] * k_valid.sum(-1)[None, :]
+    i = xp.arange(self.num_q_blocks)[:, None]
+    j = xp.arange(self.num_k_blocks)[None, :]
+    q_lo = i * self.block_q
+    q_hi = xp.maximum(xp.minimum(q_lo + self.block_q, self.seq_len), q_lo)
+    k_lo = j * self.block_k
+    k_len = xp.maximum(xp.minimum(k_lo + self.block_k, self.seq_len) - k_lo, 0)
+    if not self.causal:
+      return (q_hi - q_lo) * k_len
+    # Query q sees min(max(q + 1 - k_lo, 0), k_len) keys of block j; sum over the block's
+    # queries as F(q_hi - k_lo) - F(q_lo - k_lo), F(x) = sum_{u=1..x} min(u, k_len).
+    def partial_sum(x):
+      x = xp.maximum(x, 0)
+      ramp = xp.minimum(x, k_len)
+      return ramp * (ramp + 1) // 2 + (x - ramp) * k_len
+    return partial_sum(q_hi - k_lo) - partial_sum(q_lo - k_lo)
 
-  def allowed_blocks(self) -> np.ndarray:
+  def allowed_blocks(self, xp=np):
     """Block pairs with at least one attendable token pair, ``[nq, nk]`` bool."""
-    return self.token_pairs() > 0
+    return self.token_pairs(xp) > 0
 
-  def window_blocks(self) -> np.ndarray:
+  def window_blocks(self, xp=np):
     """Block pairs always kept (local window, incl. the diagonal), ``[nq, nk]`` bool.
 
     Key block ``j`` is kept for query block ``i`` if it intersects the token window
     of any query in block ``i``; this is a superset of the token-level window.
+    ``xp`` as in :meth:`token_pairs`.
     """
-    q_first = np.arange(self.num_q_blocks) * self.block_q
+    q_first = xp.arange(self.num_q_blocks) * self.block_q
     q_last = q_first + self.block_q - 1
-    k_first = np.arange(self.num_k_blocks) * self.block_k
+    k_first = xp.arange(self.num_k_blocks) * self.block_k
     k_last = k_first + self.block_k - 1
     lo = q_first - self.window + 1
     hi = q_last if self.causal else q_last + self.window - 1
     near = (k_last[None, :] >= lo[:, None]) & (k_first[None, :] <= hi[:, None])
-    return near & self.allowed_blocks()
+    return near & self.allowed_blocks(xp)

@@ -161,6 +161,34 @@ def stage2_select_stripes(
   return jnp.take_along_axis(keep_ranked, jnp.argsort(order, axis=-1), axis=-1)
 
 
+def _compact(mask: jax.Array, pairs: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One head: ``mask [nq, nk]`` bool -> (ascending padded lists, counts, kept token pairs)."""
+  nk = mask.shape[-1]
+  idx = jnp.arange(nk, dtype=jnp.int32)
+  kept_first = jnp.sort(jnp.where(mask, idx, nk + idx), axis=-1)
+  counts = mask.sum(-1, dtype=jnp.int32)
+  last = jnp.take_along_axis(kept_first, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+  fill = jnp.where(counts[..., None] > 0, last, 0)
+  kv_blocks = jnp.where(idx < counts[..., None], kept_first, fill)
+  kept_pairs = jnp.sum(jnp.where(mask, pairs, 0).astype(jnp.float32))
+  return kv_blocks, counts, kept_pairs
+
+
+def _per_head(make_mask, n_heads: int, layout: BlockLayout, batch: int, heads: int) -> Selection:
+  """Selection from ``make_mask(head) -> [nq, nk]`` bool, one head at a time (``lax.map``).
+
+  Only one head's ``[nq, nk]`` mask and sort exist at once; the lists themselves
+  (``[batch, heads, nq, nk]`` int32, 8 GiB for 32 heads at 1M tokens and 128-token
+  blocks) are the only full-size array.
+  """
+  pairs = layout.token_pairs(jnp)
+  kv_blocks, counts, kept = jax.lax.map(
+      lambda head: _compact(make_mask(head), pairs), jnp.arange(n_heads))
+  shape = (batch, heads, layout.num_q_blocks)
+  return Selection(kv_blocks.reshape(*shape, layout.num_k_blocks), counts.reshape(shape),
+                   kept.reshape(batch, heads) / float(layout.total_pairs))
+
+
 def selection_from_mask(mask: jax.Array, layout: BlockLayout) -> Selection:
   """Compacts a block mask into padded ascending lists, counts and density.
 
@@ -169,17 +197,9 @@ def selection_from_mask(mask: jax.Array, layout: BlockLayout) -> Selection:
       ``layout.allowed_blocks()`` should be False (they would only cost time).
     layout: block layout.
   """
-  nk = layout.num_k_blocks
-  idx = jnp.arange(nk, dtype=jnp.int32)
-  kept_first = jnp.sort(jnp.where(mask, idx, nk + idx), axis=-1)
-  counts = mask.sum(-1, dtype=jnp.int32)
-  last = jnp.take_along_axis(kept_first, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
-  fill = jnp.where(counts[..., None] > 0, last, 0)
-  kv_blocks = jnp.where(idx < counts[..., None], kept_first, fill)
-  pairs = layout.token_pairs()
-  kept_pairs = jnp.einsum("bhqk,qk->bh", mask.astype(jnp.float32),
-                          jnp.asarray(pairs, jnp.float32))
-  return Selection(kv_blocks, counts, kept_pairs / float(pairs.sum()))
+  batch, heads = mask.shape[:2]
+  flat = mask.reshape(batch * heads, *mask.shape[2:])
+  return _per_head(lambda head: flat[head], batch * heads, layout, batch, heads)
 
 
 def build_selection(stripes: jax.Array, layout: BlockLayout) -> Selection:
@@ -193,9 +213,14 @@ def build_selection(stripes: jax.Array, layout: BlockLayout) -> Selection:
     The :class:`Selection` of the stripes intersected with the attendable blocks,
     plus the window blocks (which include the diagonal).
   """
-  allowed = jnp.asarray(layout.allowed_blocks())
-  window = jnp.asarray(layout.window_blocks())
-  return selection_from_mask((stripes[:, :, None, :] & allowed) | window, layout)
+  batch, heads = stripes.shape[:2]
+  flat = stripes.reshape(batch * heads, layout.num_k_blocks)
+
+  def head_mask(head):
+    # The [nq, nk] block geometry is rebuilt from iotas per head (fused, never stored).
+    return (flat[head][None, :] & layout.allowed_blocks(jnp)) | layout.window_blocks(jnp)
+
+  return _per_head(head_mask, batch * heads, layout, batch, heads)
 
 
 def full_selection(batch: int, heads: int, layout: BlockLayout) -> Selection:

@@ -73,25 +73,29 @@ def xla_sample_attention(
     layout: BlockLayout,
     scale: float,
     group_rows: int = DEFAULT_GROUP_ROWS,
+    q_block_start: int | jax.Array = 0,
 ) -> jax.Array:
   """Block-sparse attention over the listed blocks, gathering only those blocks.
 
   Args:
-    q: ``[batch, heads, padded_len, head_dim]``.
+    q: ``[batch, heads, n * block_q, head_dim]``: query blocks ``q_block_start ..
+      q_block_start + n - 1`` of the padded sequence (all of it by default).
     k, v: ``[batch, kv_heads, padded_len, head_dim]``.
-    selection: lists for ``[batch, heads, num_q_blocks]``.
-    layout: block layout.
+    selection: lists for ``[batch, heads, n]`` (those query blocks).
+    layout: block layout of the whole sequence.
     scale: softmax scale.
     group_rows: query rows per loop step (rounded down to whole query blocks).
+    q_block_start: index of ``q``'s first query block in the sequence (may be traced).
 
   Returns:
-    ``[batch, heads, padded_len, head_dim]`` in ``q.dtype``; rows without any
+    ``[batch, heads, n * block_q, head_dim]`` in ``q.dtype``; rows without any
     listed key (padding) are zero.
   """
   batch, heads, s_pad, d = q.shape
   kv_heads = k.shape[1]
   group = heads // kv_heads
-  nq, nk, bq = layout.num_q_blocks, layout.num_k_blocks, layout.block_q
+  nk, bq = layout.num_k_blocks, layout.block_q
+  nq = s_pad // bq
   g = max(1, min(nq, group_rows // bq))
   n_groups = -(-nq // g)
   extra = n_groups * g - nq
@@ -109,6 +113,7 @@ def xla_sample_attention(
   lists = lists.reshape(batch * kv_heads, items, g, list_len)
   counts = counts.reshape(batch * kv_heads, items, g)
   q_ids = jnp.tile(jnp.arange(n_groups * g, dtype=jnp.int32).reshape(n_groups, g), (group, 1))
+  q_ids = q_ids + jnp.asarray(q_block_start, jnp.int32)
   kb = k.reshape(batch * kv_heads, nk, layout.block_k, d)
   vb = v.reshape(batch * kv_heads, nk, layout.block_k, d)
 
