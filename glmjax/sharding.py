@@ -28,8 +28,9 @@ MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor", "sequence")
 LogicalAxes = tuple[str | None, ...]
 AxisRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
-# Logical name -> mesh axes.  Parameters: FSDP shards the model dimension,
-# tensor parallelism shards heads, MLP and vocabulary.  Activations: batch over
+# Logical name -> mesh axes.  Parameters: FSDP shards the model dimension over the fsdp
+# and sequence axes (with context parallelism the sequence shards also hold a share of the
+# weights, as MaxText's context axis does), tensor parallelism shards heads, MLP and vocabulary.  Activations: batch over
 # data+fsdp, sequence over the sequence axis, heads/MLP/vocab over tensor.
 # KV cache [batch, kv_heads, max_len, head_dim]: batch over data+fsdp, KV heads over
 # tensor; the cache sequence takes the sequence axis and, when the KV heads cannot be
@@ -38,7 +39,7 @@ AxisRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 DEFAULT_RULES: AxisRules = (
     ("layers", None),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "sequence")),
     ("norm", None),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),

@@ -92,6 +92,9 @@ _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False,
                                   "Compile the program, print memory per device as JSON, exit.")
 _PRESET = flags.DEFINE_string("preset", None, "Model preset for --compile_only (no weights needed).")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 1024, "Prompt length for --compile_only.")
+_PREFILL_CHUNK = flags.DEFINE_integer(
+    "prefill_chunk", None, "Prefill prompts longer than this many tokens in chunks of it (bounded "
+    "activation memory for long prompts); default: one forward per prompt.")
 
 
 def _load(mesh):
@@ -111,16 +114,19 @@ def compile_report(
     prompt_len: int,
     max_new_tokens: int,
     sampling: SamplingConfig,
+    prefill_chunk: int | None = None,
 ) -> dict[str, Any]:
     """Compiles the generation program for an abstract ``config`` model on ``mesh`` (None: one
     device) and reports its memory per device (XLA's figures) and the compile time."""
-    engine = GenerationEngine(abstract_model(config), mesh=mesh, max_batch_size=batch)
+    engine = GenerationEngine(abstract_model(config), mesh=mesh, max_batch_size=batch,
+                              prefill_chunk=prefill_chunk)
     start = time.time()
     memory = engine.compile(batch, prompt_len, max_new_tokens, sampling).memory_analysis()
     return {
         "devices": 1 if mesh is None else mesh.size,
         "mesh": None if mesh is None else dict(zip(mesh.axis_names, mesh.axis_sizes)),
         "batch": batch, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
+        "prefill_chunk": prefill_chunk, "attention_backend": config.attention_backend,
         "parameters": flops.count_params(config).total,
         "param_dtype": config.param_dtype, "compute_dtype": config.compute_dtype,
         "argument_bytes_per_device": memory.argument_size_in_bytes,
@@ -173,14 +179,15 @@ def _run() -> int:
     sampling = SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value)
     if _COMPILE_ONLY.value:
         print(json.dumps(compile_report(_config_for_compile(), mesh, _BATCH_SIZE.value, _PROMPT_LEN.value,
-                                        _MAX_NEW_TOKENS.value, sampling)))
+                                        _MAX_NEW_TOKENS.value, sampling, _PREFILL_CHUNK.value)))
         return 0
     if not _INTERACTIVE.value and (_INPUT.value is None or _OUTPUT.value is None):
         raise UserError("batch mode needs --input and --output (or pass --interactive)")
     if not _INTERACTIVE.value:
         completed_indices(_OUTPUT.value, _INPUT.value, truncate=False)  # refuse a wrong --output first
     tokenizer = _tokenizer(required=_INTERACTIVE.value)
-    engine = GenerationEngine(_load(mesh), mesh=mesh, max_batch_size=_BATCH_SIZE.value)
+    engine = GenerationEngine(_load(mesh), mesh=mesh, max_batch_size=_BATCH_SIZE.value,
+                              prefill_chunk=_PREFILL_CHUNK.value)
     if _INTERACTIVE.value:
         params = SamplingParams(max_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
                                 top_p=_TOP_P.value, top_k=_TOP_K.value, min_p=_MIN_P.value, seed=_SEED.value)

@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 
 from glmjax import sharding
+from glmjax.data.spec import lm_batch_spec
 from glmjax.models import attention as attention_lib
-from glmjax.models import blockwise
+from glmjax.models import blockwise, preset
+from glmjax.training.trainer import train
+from training_helpers import fixed_batches_factory
 
 
 def _qkv(seed, batch, seq, heads, kv_heads, head_dim):
@@ -155,3 +158,30 @@ def test_context_parallel_never_builds_a_chunk_by_sequence_score_matrix():
     print(f"per-device temporaries at {seq} tokens over {shards} shards: flash {flash_temp} B, "
           f"dense {dense_temp} B")
     assert flash_temp < dense_temp / 4
+
+
+def test_train_step_per_device_flops_and_temporaries_fall_with_the_sequence_axis():
+    """One 32K-token sequence per device (data = 8) against one sequence over 8 sequence
+    shards: XLA's per-device FLOPs and temporaries of the real train step fall close to 1/8.
+
+    The model has GLM-4-9B's proportions (2 KV heads of 32 query heads, MLP 3.3 x hidden) at
+    1/4 of its width and 2 layers. XLA counts a loop body once (the layer scan, the flash
+    kernel's block loops), the same way in both programs.
+    """
+    config = preset("glm4-tiny").replace(hidden_size=1024, intermediate_size=3424, num_heads=32, num_kv_heads=2,
+                                         head_dim=32, num_layers=2, attention_backend="blockwise",
+                                         remat_policy="full")
+    seq = 32768
+
+    def report(mesh_shape, rows):
+        batch = {key: np.zeros((rows, seq), np.int32) for key in lm_batch_spec().features}
+        return train(model_dir="unused", model_config=config, train_data=fixed_batches_factory([batch]),
+                     train_steps=10, mesh_shape=mesh_shape, compile_only=True)
+
+    whole, split = report((8, 1, 1, 1), 8), report((1, 1, 1, 8), 1)
+    flops_ratio = split["xla_flops_per_device"] / whole["xla_flops_per_device"]
+    temp_ratio = split["temp_bytes_per_device"] / whole["temp_bytes_per_device"]
+    print(f"sequence 1 -> 8 at {seq} tokens: XLA FLOPs per device x{flops_ratio:.3f}, "
+          f"temporaries x{temp_ratio:.3f}")
+    assert 0.1 < flops_ratio < 0.15
+    assert 0.1 < temp_ratio < 0.17

@@ -144,13 +144,19 @@ def _replicated(x: jax.Array) -> jax.Array:
     return sharding_lib.constrain(x, (None,) * x.ndim)
 
 
-def prefill(model: Decoder, ids: jax.Array, lengths: jax.Array, cache: KVCache) -> tuple[KVCache, jax.Array]:
+def prefill(
+    model: Decoder, ids: jax.Array, lengths: jax.Array, cache: KVCache, chunk: int | None = None,
+) -> tuple[KVCache, jax.Array]:
     """Writes every prompt token but the last into an empty cache (traced code).
 
     Args:
       model: the decoder (either layout; ``cache`` made for it).
       ids: int32 [batch, prompt_len], right-padded prompts; lengths: int32 [batch] (>= 1).
       cache: an empty ``KVCache`` of ``batch`` rows with room for the prompt and the budget.
+      chunk: static; prompts longer than this many tokens are prefilled ``chunk`` tokens at a
+        time in a loop (chunked prefill): each chunk's queries attend over the cache with the
+        flash kernel, so activations are those of ``chunk`` tokens whatever the prompt length.
+        None: one forward over the whole prompt with the model's attention backend.
 
     Returns:
       (cache, last): the cache holding ``lengths - 1`` tokens per row, and int32 [batch] the
@@ -158,8 +164,20 @@ def prefill(model: Decoder, ids: jax.Array, lengths: jax.Array, cache: KVCache) 
     """
     with jax.named_scope("prefill"):
         valid = jnp.arange(ids.shape[1], dtype=jnp.int32)[None] < (lengths - 1)[:, None]
-        _, cache = model.forward_with_cache(ids, cache, valid=valid, prefill=True)
         last = jnp.take_along_axis(ids, (lengths - 1)[:, None], axis=1)[:, 0]
+        if chunk is None or ids.shape[1] <= chunk:
+            _, cache = model.forward_with_cache(ids, cache, valid=valid, prefill=True)
+            return cache, last
+        # A padded tail is invalid (written past each row's length, or dropped past the cache).
+        pad = -ids.shape[1] % chunk
+        ids, valid = jnp.pad(ids, ((0, 0), (0, pad))), jnp.pad(valid, ((0, 0), (0, pad)))
+
+        def one_chunk(index: jax.Array, cache: KVCache) -> KVCache:
+            take = lambda x: jax.lax.dynamic_slice_in_dim(x, index * chunk, chunk, axis=1)  # noqa: E731
+            _, cache = model.forward_with_cache(take(ids), cache, valid=take(valid), flash_over_cache=True)
+            return cache
+
+        cache = jax.lax.fori_loop(0, ids.shape[1] // chunk, one_chunk, cache)
     return cache, last
 
 
@@ -314,6 +332,8 @@ class GenerationEngine:
       cache_dtype: KV cache dtype (default: the model's compute dtype).
       stacked_layers: keep the model's stacked layer weights (scanned layers, one stacked KV
         cache) instead of the per-layer layout: no copy of the weights, slower decode on CPU.
+      prefill_chunk: prefill prompts longer than this many tokens in chunks of it (``prefill``):
+        bounded activation memory for long prompts. None: one forward per prompt.
     """
 
     def __init__(
@@ -327,8 +347,12 @@ class GenerationEngine:
         logprob_mode: LogprobMode = "processed",
         cache_dtype: str | None = None,
         stacked_layers: bool = False,
+        prefill_chunk: int | None = None,
     ) -> None:
         _check_logprob_mode(logprob_mode)
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.config = model.config
         self.mesh = mesh
         self.rules = rules
@@ -686,7 +710,7 @@ class GenerationEngine:
         def start(model: Decoder, ids, lengths, active, seeds) -> DecodeState:
             cache = KVCache.create(config, key.batch, key.prompt_len + key.budget, cache_dtype,
                                    stacked=stacked)
-            cache, last = prefill(model, ids, lengths, cache)
+            cache, last = prefill(model, ids, lengths, cache, self.prefill_chunk)
             if samples > 1:
                 cache, last = cache.repeat_rows(samples), jnp.repeat(last, samples)
             return DecodeState(

@@ -231,6 +231,33 @@ def decode_attention(
     return out.reshape(batch, seq_q, heads, head_dim).astype(q.dtype)
 
 
+def chunk_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    q_offsets: jax.Array,
+) -> jax.Array:
+    """A chunk of queries against a heads-major KV cache that already holds them (one chunk of
+    a chunked prefill), with the flash kernel: key blocks past the rows' causal bound (the
+    empty rest of the cache) are never read, and no [chunk, max_len] scores are built.
+
+    When the cache sequence is sharded (``cache_spec``: KV heads fewer than tensor shards, or a
+    sequence axis) the chunk goes to ``decode_attention``'s split-K path instead, whose scores
+    are [chunk, max_len / shards] per device.
+
+    Args and returns: as ``cached_attention``.
+    """
+    mesh = ambient_mesh()
+    if mesh is not None and cache_spec(k.shape, mesh)[2] is not None:
+        return decode_attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                                q_offsets=q_offsets)
+    return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset=q_offsets,
+                               kv_heads_major=True)
+
+
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
     """``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU, XLA elsewhere).
 

@@ -59,25 +59,32 @@ def blockwise_attention(
     q_offset: jax.Array | int = 0,
     block_q: int = DEFAULT_BLOCK,
     block_k: int = DEFAULT_BLOCK,
+    kv_heads_major: bool = False,
 ) -> jax.Array:
     """Causal flash attention over key blocks at or below the diagonal.
 
     Args:
-      q: [batch, seq_q, heads, head_dim], query i at position ``q_offset + i``.
+      q: [batch, seq_q, heads, head_dim], query i of row b at position ``q_offset[b] + i``.
       k, v: [batch, seq_kv, kv_heads, head_dim], key j at position j (``heads % kv_heads == 0``;
-        K/V are not repeated over the query groups).
+        K/V are not repeated over the query groups); [batch, kv_heads, seq_kv, head_dim] with
+        ``kv_heads_major`` (a KV cache's layout).
       q_segment_ids: int [batch, seq_q]; kv_segment_ids: int [batch, seq_kv] (0 = padding or an
         empty slot: nobody attends to it).
-      q_offset: int32 scalar (may be traced): keys before the first query, e.g. the chunk start
-        of a context-parallel shard or the cached length in chunked prefill.
+      q_offset: int32 scalar or [batch] (may be traced): keys before each row's first query,
+        e.g. the chunk start of a context-parallel shard or the cached length in chunked
+        prefill. Key blocks are walked up to the largest row's causal bound.
       block_q, block_k: tokens per query / key block (shorter inputs use their own length;
         other lengths are padded internally).
+      kv_heads_major: k and v come heads-major (no transposed copy of a cache is made).
 
     Returns:
       [batch, seq_q, heads, head_dim] in q's dtype. Queries that see no key (padding) get 0.
     """
     batch, seq_q, heads, head_dim = q.shape
-    seq_kv, kv_heads = k.shape[1], k.shape[2]
+    if kv_heads_major:
+        kv_heads, seq_kv = k.shape[1], k.shape[2]
+    else:
+        seq_kv, kv_heads = k.shape[1], k.shape[2]
     if heads % kv_heads:
         raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
     block_q, block_k = _block(block_q, seq_q), _block(block_k, seq_kv)
@@ -85,19 +92,21 @@ def blockwise_attention(
     scaled = (q * (1.0 / math.sqrt(head_dim))).astype(q.dtype)
     qh = scaled.reshape(batch, seq_q, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
     qh = _pad_to(qh, 3, block_q)
-    kh = _pad_to(k.transpose(0, 2, 1, 3), 2, block_k)
-    vh = _pad_to(v.transpose(0, 2, 1, 3), 2, block_k)
+    if not kv_heads_major:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    kh, vh = _pad_to(k, 2, block_k), _pad_to(v, 2, block_k)
     q_seg = _pad_to(q_segment_ids.astype(jnp.int32), 1, block_q)
     kv_seg = _pad_to(kv_segment_ids.astype(jnp.int32), 1, block_k)
-    offset = jnp.asarray(q_offset, jnp.int32)
+    offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (batch,))
     out = _flash(qh, kh, vh, q_seg, kv_seg, offset, block_q, block_k)
     out = out[:, :, :, :seq_q]
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq_q, heads, head_dim).astype(q.dtype)
 
 
 def _key_blocks_needed(offset: jax.Array, q_block: jax.Array, block_q: int, block_k: int, num_k: int):
-    """Key blocks [0, n) that queries of block ``q_block`` may see (causal bound), n in [0, num_k]."""
-    last_position = offset + (q_block + 1) * block_q - 1
+    """Key blocks [0, n) that queries of block ``q_block`` of any row may see (causal bound for
+    the largest of the rows' offsets [b]), n in [0, num_k]."""
+    last_position = jnp.max(offset) + (q_block + 1) * block_q - 1
     return jnp.clip(last_position // block_k + 1, 0, num_k)
 
 
@@ -106,9 +115,9 @@ def _tile(q_block, k, q_seg, kv_seg, offset, i, j, block_q, block_k):
     k_block = jax.lax.dynamic_slice_in_dim(k, j * block_k, block_k, axis=2)
     kv_seg_block = jax.lax.dynamic_slice_in_dim(kv_seg, j * block_k, block_k, axis=1)
     logits = jnp.einsum("bkgth,bksh->bkgts", q_block, k_block, preferred_element_type=jnp.float32)
-    q_positions = offset + i * block_q + jnp.arange(block_q)
+    q_positions = offset[:, None] + i * block_q + jnp.arange(block_q)[None]  # [b, bq]
     k_positions = j * block_k + jnp.arange(block_k)
-    mask = ((k_positions[None, :] <= q_positions[:, None])[None]
+    mask = ((k_positions[None, None, :] <= q_positions[:, :, None])
             & (q_seg[:, :, None] == kv_seg_block[:, None, :]) & (kv_seg_block != 0)[:, None, :])
     mask = mask[:, None, None]
     return jnp.where(mask, logits, _MASK_VALUE), mask

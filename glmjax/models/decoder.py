@@ -140,7 +140,7 @@ class KVCache:
                        lengths=jnp.repeat(self.lengths, times, axis=0)).constrained()
 
 
-AttentionMode = Literal["full", "prefill", "decode"]
+AttentionMode = Literal["full", "prefill", "decode", "chunk"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +149,9 @@ class _AttentionInputs:
 
     ``mode``: "full" (no cache: causal self-attention over ``segment_ids``), "prefill" (the cache
     is empty: attention among the new tokens with the configured backend, then the keys and
-    values are written) or "decode" (the new tokens' keys and values are written, then the
-    queries attend over the whole cache).
+    values are written), "decode" (the new tokens' keys and values are written, then the
+    queries attend densely over the whole cache) or "chunk" (as "decode", with the flash kernel
+    over the filled part of the cache: one chunk of a chunked prefill).
     """
 
     cos: jax.Array
@@ -204,7 +205,7 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x: [batch, seq, embed] -> ([batch, seq, embed], updated (k, v) cache or None).
 
-        ``cache_kv`` (modes "prefill" and "decode") is either this layer's cache ([batch, kv_heads,
+        ``cache_kv`` (modes "prefill", "decode" and "chunk") is either this layer's cache ([batch, kv_heads,
         max_len, head_dim] each; ``layer_index`` None) or the whole stacked cache ([layers, batch,
         kv_heads, max_len, head_dim] each), of which this layer writes and reads slot
         ``layer_index``.
@@ -263,6 +264,11 @@ class Attention(nnx.Module):
         cache_k, cache_v = cache_kv
         if layer_index is not None:
             cache_k, cache_v = cache_k[layer_index], cache_v[layer_index]
+        if inputs.mode == "chunk":
+            with jax.named_scope("chunk_attention"):
+                return attention_lib.chunk_attention(
+                    q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), q_segment_ids=inputs.segment_ids,
+                    kv_segment_ids=inputs.cache_segment_ids, q_offsets=inputs.cache_lengths)
         with jax.named_scope("decode_attention"):
             return attention_lib.decode_attention(
                 q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), q_segment_ids=inputs.segment_ids,
@@ -452,6 +458,7 @@ class Decoder(nnx.Module):
         positions: jax.Array | None = None,
         valid: jax.Array | None = None,
         prefill: bool = False,
+        flash_over_cache: bool = False,
     ) -> tuple[jax.Array, KVCache]:
         """Appends tokens to the cache and returns their logits (prefill or decode).
 
@@ -466,6 +473,9 @@ class Decoder(nnx.Module):
             tokens with the configured backend (memory linear in ``t`` for splash and fused)
             instead of densely against the whole cache; padding queries' outputs are
             unspecified.
+          flash_over_cache: static; without ``prefill``, the new tokens attend over the cache with
+            the flash kernel (``attention.chunk_attention``: the cache's empty tail is skipped, no
+            [t, max_len] scores) instead of densely: one chunk of a chunked prefill.
 
         Returns:
           (logits [batch, t, vocab], updated cache).
@@ -483,7 +493,8 @@ class Decoder(nnx.Module):
         cos, sin = rotary_angles(positions, self.config.rotary_dim, self.config.rope_theta,
                                  self.config.rope_scaling, valid)
         inputs = _AttentionInputs(cos, sin, None if prefill else new_segments, cache_segment_ids,
-                                  cache.lengths, "prefill" if prefill else "decode")
+                                  cache.lengths,
+                                  "prefill" if prefill else "chunk" if flash_over_cache else "decode")
         x, (k, v) = self._run_layers(self.embed(input_ids), inputs, cache)
         with jax.named_scope("final_norm"):
             x = self.final_norm(x)

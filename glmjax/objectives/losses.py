@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from glmjax.sharding import constrain
+from glmjax.sharding import constrain, logical_to_spec
 
 _KERNEL_AXES = ("embed", "vocab")
 
@@ -47,10 +48,35 @@ def chunked_cross_entropy(
     return from_sequence_chunks(losses, seq), from_sequence_chunks(correct, seq)
 
 
+def _sequence_shards(batch: int, seq: int) -> int:
+    """How many ways the ambient mesh splits a [batch, seq] activation's sequence (1 without a
+    mesh or a sequence axis)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    entry = logical_to_spec(("act_batch", "act_seq"), (batch, seq), mesh)[1]
+    names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+    return math.prod(mesh.shape[name] for name in names)
+
+
 def to_sequence_chunks(x: jax.Array, chunk: int) -> jax.Array:
     """[batch, seq, ...] -> [num_chunks, batch, chunk, ...], the sequence zero-padded up to a
-    multiple of ``chunk``."""
+    multiple of ``chunk``.
+
+    With the sequence split over n sequence shards (context parallelism), chunk k holds
+    ``chunk // n`` tokens of every shard's own part (each shard's part cut like a sequence of
+    its own), so a loop over chunks keeps every device on its own tokens; the layout then needs
+    ``seq / n`` to be a multiple of ``chunk // n``, else one chunk takes each shard's whole part.
+    """
     batch, seq = x.shape[:2]
+    shards = _sequence_shards(batch, seq)
+    if shards > 1:
+        local = seq // shards
+        per_shard = max(1, chunk // shards)
+        per_shard = per_shard if local % per_shard == 0 else local
+        x = x.reshape(batch, shards, local // per_shard, per_shard, *x.shape[2:])
+        x = jnp.moveaxis(x, 2, 0).reshape(local // per_shard, batch, shards * per_shard, *x.shape[4:])
+        return constrain(x, (None, "act_batch", "act_seq") + (None,) * (x.ndim - 3))
     pad = (-seq) % chunk
     if pad:
         x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
@@ -58,7 +84,14 @@ def to_sequence_chunks(x: jax.Array, chunk: int) -> jax.Array:
 
 
 def from_sequence_chunks(x: jax.Array, seq: int) -> jax.Array:
-    """[num_chunks, batch, chunk, ...] -> [batch, seq, ...] (the padding dropped)."""
+    """[num_chunks, batch, chunk, ...] -> [batch, seq, ...] (the padding dropped); the inverse
+    of ``to_sequence_chunks`` for the same ``seq`` under the same mesh."""
+    num_chunks, batch, chunk = x.shape[:3]
+    shards = _sequence_shards(batch, seq)
+    if shards > 1 and num_chunks * chunk == seq:
+        x = x.reshape(num_chunks, batch, shards, chunk // shards, *x.shape[3:])
+        x = jnp.moveaxis(x, 0, 2).reshape(batch, seq, *x.shape[5:])
+        return constrain(x, ("act_batch", "act_seq") + (None,) * (x.ndim - 2))
     x = x.swapaxes(0, 1)
     return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :seq]
 
