@@ -113,3 +113,21 @@ def test_pallas_attends_every_listed_block_of_full_lists(causal):
   out = sample_attention(q, k, v, causal=causal, block_q=bq, block_k=bk, window_ratio=0.1,
                          selection=sel, backend="pallas", interpret=True)
   np.testing.assert_allclose(out, want, rtol=RTOL, atol=ATOL)
+
+
+def test_pallas_with_more_than_one_run_of_counts_and_list_entries():
+  """130 query and key blocks: counts are fetched in aligned runs of 128 and list rows padded
+  to 256 entries; query blocks past the first run, and the last 10 query rows alone
+  (``query_start``/``query_len``: blocks 127..129), match the reference (fp32, 2e-5)."""
+  b, s, h, kvh, d, blk = 1, 1040, 2, 1, 8, 8
+  q, k, v = random_qkv(91, b, s, h, kvh, d)
+  layout = BlockLayout.create(s, blk, blk, True, window_ratio=0.01)
+  assert layout.num_q_blocks == layout.num_k_blocks == 130
+  sel, _ = _random_selection(91, b, h, layout, density=0.04)
+  kwargs = dict(block_q=blk, block_k=blk, window_ratio=0.01, selection=sel, interpret=True)
+  want = np.asarray(sample_attention(q, k, v, backend="reference", **kwargs))
+  out = sample_attention(q, k, v, backend="pallas", **kwargs)
+  np.testing.assert_allclose(out, want, rtol=RTOL, atol=ATOL)
+  part = sample_attention(q, k, v, backend="pallas", query_start=jnp.int32(1030), query_len=10,
+                          **kwargs)
+  np.testing.assert_allclose(part, want[:, 1030:], rtol=RTOL, atol=ATOL)
