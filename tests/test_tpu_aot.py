@@ -203,11 +203,15 @@ def test_sample_attention_stages_compile_at_long_context(seq, stage, capsys):
               f"{memory.temp_size_in_bytes / 2**30:.3f} GiB")
 
 
-def test_sharded_sample_attention_compiles_for_tensor_parallel_tpu():
-    """GLM-4-9B heads on 4 v5p chips, tensor 4: query heads split, the 2 KV heads sliced."""
+@pytest.mark.parametrize("mesh_shape,local_shape", [
+    ((1, 1, 4, 1), (1, 8192, 8, 128)),  # tensor 4: query heads split, the 2 KV heads sliced
+    ((1, 1, 2, 2), (1, 4096, 16, 128)),  # tensor x sequence: gathered selection, local blocks
+])
+def test_sharded_sample_attention_compiles_for_tpu_meshes(mesh_shape, local_shape):
+    """GLM-4-9B heads on 4 v5p chips: the per-shard program (Mosaic kernel) compiles."""
     from glmjax.models.sparse_attention import sharded_sample_attention
 
-    mesh = hardware.tpu_topology_mesh("v5p:2x2x1", (1, 1, 4, 1))
+    mesh = hardware.tpu_topology_mesh("v5p:2x2x1", mesh_shape)
     seq = 8192
     q = jax.ShapeDtypeStruct((1, seq, 32, 128), jnp.bfloat16, sharding=sharding.named_sharding(
         ("act_batch", "act_seq", "act_heads", "act_head_dim"), (1, seq, 32, 128), mesh))
@@ -217,4 +221,5 @@ def test_sharded_sample_attention_compiles_for_tensor_parallel_tpu():
         compiled = jax.jit(lambda q, k, v: sharded_sample_attention(q, k, v, alpha=0.95)).lower(
             q, kv, kv).compile()
     assert "tpu_custom_call" in compiled.as_text()
-    assert compiled.output_shardings.shard_shape(q.shape) == (1, seq, 8, 128)
+    assert compiled.output_shardings.shard_shape(q.shape) == local_shape
+    assert ("all-gather" in compiled.as_text()) == (mesh_shape[3] > 1)  # q/k/v over the sequence
