@@ -68,6 +68,10 @@ def test_query_rows_subset_matches_full_call():
             assert got.shape == (1, rows, 4, 16)
             np.testing.assert_allclose(np.asarray(got), full[:, start:start + rows],
                                        rtol=TOL, atol=TOL, err_msg=f"{backend} {start} {rows}")
+    with pytest.raises(ValueError, match="query_start needs query_len"):
+        sample_attention(q, k, v, query_start=jnp.int32(5), **KW)
+    with pytest.raises(ValueError, match="query_len must be in"):
+        sample_attention(q, k, v, query_start=jnp.int32(0), query_len=91, **KW)
 
 
 def test_no_gradient_error_is_clear():

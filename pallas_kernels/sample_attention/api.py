@@ -141,6 +141,8 @@ def sample_attention(
   rows = seq if query_len is None else query_len
   if not 1 <= rows <= seq:
     raise ValueError(f"query_len must be in [1, seq={seq}], got {query_len}")
+  if query_len is None and not (isinstance(query_start, int) and query_start == 0):
+    raise ValueError("query_start needs query_len (the number of query rows to output)")
   start = jnp.asarray(query_start, jnp.int32)
   if name == "reference":
     out = reference_attention(q, k, v, selection, layout, scale)
