@@ -43,7 +43,7 @@ import jax
 from absl import app, flags
 from transformers import PreTrainedTokenizerBase
 
-from glmjax import flops, sharding
+from glmjax import flops, hardware, sharding
 from glmjax.checkpoints import CheckpointError, from_pretrained
 from glmjax.checkpoints.hf_config import config_from_hf, read_hf_config
 from glmjax.checkpoints.orbax_io import load_model, read_model_config
@@ -87,11 +87,14 @@ _MAX_TURNS = flags.DEFINE_integer("max_turns", 8, "Assistant turns per user mess
 _ATTENTION_BACKEND = flags.DEFINE_enum(
     "attention_backend", None, ["xla", "blockwise", "fused", "splash", "sample"],
     "Attention for the prefill (default: the model config's): splash on TPU and fused (cuDNN) "
-    "on GPU keep long prompts' attention memory linear; blockwise is the CPU path for short ones.")
+    "on GPU keep long prompts' attention memory linear; blockwise (flash in XLA loops) anywhere.")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False,
                                   "Compile the program, print memory per device as JSON, exit.")
 _PRESET = flags.DEFINE_string("preset", None, "Model preset for --compile_only (no weights needed).")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 1024, "Prompt length for --compile_only.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "With --compile_only: compile for this TPU topology (e.g. v5p:2x2x1) through "
+    "libtpu on this host; --mesh_shape then defaults to 1,-1,1,1 over its chips.")
 _PREFILL_CHUNK = flags.DEFINE_integer(
     "prefill_chunk", None, "Prefill prompts longer than this many tokens in chunks of it (bounded "
     "activation memory for long prompts); default: one forward per prompt.")
@@ -175,8 +178,18 @@ class UserError(ValueError):
 def _run() -> int:
     common.quiet_library_logs()
     common.initialize_distributed()
-    mesh = None if _MESH_SHAPE.value is None else sharding.make_mesh([int(s) for s in _MESH_SHAPE.value])
+    if _TOPOLOGY.value is not None and not _COMPILE_ONLY.value:
+        raise UserError("--topology needs --compile_only")
     sampling = SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value)
+    if _TOPOLOGY.value is not None:
+        shape = [int(s) for s in _MESH_SHAPE.value] if _MESH_SHAPE.value is not None else [1, -1, 1, 1]
+        with jax.default_matmul_precision("default"):
+            report = compile_report(_config_for_compile(), hardware.tpu_topology_mesh(_TOPOLOGY.value, shape),
+                                    _BATCH_SIZE.value, _PROMPT_LEN.value, _MAX_NEW_TOKENS.value, sampling,
+                                    _PREFILL_CHUNK.value)
+        print(json.dumps({"topology": _TOPOLOGY.value, **report}))
+        return 0
+    mesh = None if _MESH_SHAPE.value is None else sharding.make_mesh([int(s) for s in _MESH_SHAPE.value])
     if _COMPILE_ONLY.value:
         print(json.dumps(compile_report(_config_for_compile(), mesh, _BATCH_SIZE.value, _PROMPT_LEN.value,
                                         _MAX_NEW_TOKENS.value, sampling, _PREFILL_CHUNK.value)))

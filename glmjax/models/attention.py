@@ -23,6 +23,7 @@ from glmjax.hardware import current_platform
 from glmjax.models import context_parallel, splash
 from glmjax.models.attention_sharding import ambient_mesh, axis_names, head_layout
 from glmjax.models.blockwise import blockwise_attention
+from glmjax.models.sparse_attention import sharded_sample_attention
 
 # Finite "minus infinity": fully masked rows (padding queries) stay finite.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -269,13 +270,6 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
-def sample_attention(q: jax.Array, k: jax.Array, v: jax.Array, alpha: float) -> jax.Array:
-    """SampleAttention (adaptive structured sparse attention) for causal prefill."""
-    from pallas_kernels.sample_attention import sample_attention as sparse_attention
-
-    return sparse_attention(q, k, v, alpha=alpha, causal=True)
-
-
 BACKENDS = ("xla", "blockwise", "fused", "splash", "sample")
 
 
@@ -329,7 +323,8 @@ def attend(
       - "fused": cuDNN flash attention (``jax.nn.dot_product_attention``) for unpacked inputs;
         packed inputs (segment ids) on GPU take the Pallas GPU flash kernel with segment ids
         (never a dense mask); elsewhere "fused" is XLA's dense implementation.
-      - "sample": SampleAttention, a prefill method: packed inputs are refused.
+      - "sample": SampleAttention (``sparse_attention.sharded_sample_attention``), a prefill
+        method: packed inputs are refused, and so is differentiating it.
     With the sequence split over the mesh (context parallelism), "blockwise", "splash" and
     "fused" run ``context_parallel.context_parallel_attention`` with the platform's per-shard
     kernel: splash (chunks of multiples of 128 tokens), the Pallas GPU kernel for "fused" on
@@ -345,11 +340,8 @@ def attend(
     packed = q_segment_ids is not None or kv_segment_ids is not None
     self_attention = q_offsets is None and seq_q == seq_kv
     if self_attention and backend == "sample":
-        if packed:
-            raise ValueError(
-                "attention_backend='sample' (SampleAttention) is a prefill method for unpacked "
-                "sequences; packed inputs (segment ids) need 'splash', 'blockwise', 'fused' or 'xla'")
-        return sample_attention(q, k, v, sample_alpha)
+        return sharded_sample_attention(q, k, v, alpha=sample_alpha, q_segment_ids=q_segment_ids,
+                                        kv_segment_ids=kv_segment_ids)
     platform = current_platform()
     q_seg = jnp.broadcast_to(1 if q_segment_ids is None else q_segment_ids, (batch, seq_q)).astype(jnp.int32)
     kv_seg = jnp.broadcast_to(1 if kv_segment_ids is None else kv_segment_ids, (batch, seq_kv)).astype(jnp.int32)

@@ -520,6 +520,10 @@ def _compile_report(step_fn, tx, config: ModelConfig, mesh: Mesh, batches: _Batc
         "alias_bytes_per_device": memory.alias_size_in_bytes,
         "peak_bytes_per_device": memory.argument_size_in_bytes + memory.output_size_in_bytes
         + memory.temp_size_in_bytes - memory.alias_size_in_bytes,
+        # XLA counts a loop body once (the layer scan, the flash kernels' block loops): compare
+        # like with like; the model's FLOPs per device (6N + attention, glmjax.flops) are absolute.
         "xla_flops_per_device": (cost or {}).get("flops"),
+        "model_flops_per_device": None if seq is None
+        else flops.training_flops_per_token(config, seq) * rows * seq / mesh.size,
         "compile_seconds": round(time.time() - start, 2),
     }
