@@ -74,7 +74,8 @@ def blockwise_attention(
         e.g. the chunk start of a context-parallel shard or the cached length in chunked
         prefill. Key blocks are walked up to the largest row's causal bound.
       block_q, block_k: tokens per query / key block (shorter inputs use their own length;
-        other lengths are padded internally).
+        queries are padded to a multiple of ``block_q``; keys are read in place, the last
+        block overlapping the one before it with those keys masked).
       kv_heads_major: k and v come heads-major (no transposed copy of a cache is made).
 
     Returns:
@@ -94,11 +95,10 @@ def blockwise_attention(
     qh = _pad_to(qh, 3, block_q)
     if not kv_heads_major:
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    kh, vh = _pad_to(k, 2, block_k), _pad_to(v, 2, block_k)
     q_seg = _pad_to(q_segment_ids.astype(jnp.int32), 1, block_q)
-    kv_seg = _pad_to(kv_segment_ids.astype(jnp.int32), 1, block_k)
+    kv_seg = kv_segment_ids.astype(jnp.int32)
     offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (batch,))
-    out = _flash(qh, kh, vh, q_seg, kv_seg, offset, block_q, block_k)
+    out = _flash(qh, k, v, q_seg, kv_seg, offset, block_q, block_k)
     out = out[:, :, :, :seq_q]
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq_q, heads, head_dim).astype(q.dtype)
 
@@ -110,14 +110,23 @@ def _key_blocks_needed(offset: jax.Array, q_block: jax.Array, block_q: int, bloc
     return jnp.clip(last_position // block_k + 1, 0, num_k)
 
 
+def _key_block_start(j: jax.Array, block_k: int, seq_kv: int) -> jax.Array:
+    """First key of block j. The last block of a length that is not a multiple of ``block_k``
+    starts early enough to end at ``seq_kv`` (its keys before ``j * block_k`` are masked), so
+    keys are never padded: a KV cache is read in place, not copied."""
+    return jnp.minimum(j * block_k, seq_kv - block_k)
+
+
 def _tile(q_block, k, q_seg, kv_seg, offset, i, j, block_q, block_k):
     """Masked fp32 logits [b, kh, g, bq, bk] of query block i against key block j and the mask."""
-    k_block = jax.lax.dynamic_slice_in_dim(k, j * block_k, block_k, axis=2)
-    kv_seg_block = jax.lax.dynamic_slice_in_dim(kv_seg, j * block_k, block_k, axis=1)
+    start = _key_block_start(j, block_k, k.shape[2])
+    k_block = jax.lax.dynamic_slice_in_dim(k, start, block_k, axis=2)
+    kv_seg_block = jax.lax.dynamic_slice_in_dim(kv_seg, start, block_k, axis=1)
     logits = jnp.einsum("bkgth,bksh->bkgts", q_block, k_block, preferred_element_type=jnp.float32)
     q_positions = offset[:, None] + i * block_q + jnp.arange(block_q)[None]  # [b, bq]
-    k_positions = j * block_k + jnp.arange(block_k)
+    k_positions = start + jnp.arange(block_k)
     mask = ((k_positions[None, None, :] <= q_positions[:, :, None])
+            & (k_positions >= j * block_k)[None, None, :]
             & (q_seg[:, :, None] == kv_seg_block[:, None, :]) & (kv_seg_block != 0)[:, None, :])
     mask = mask[:, None, None]
     return jnp.where(mask, logits, _MASK_VALUE), mask
@@ -126,12 +135,12 @@ def _tile(q_block, k, q_seg, kv_seg, offset, i, j, block_q, block_k):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _flash(q, k, v, q_seg, kv_seg, offset, block_q, block_k):
     """Heads-major core: q [b, kh, g, T, h] (pre-scaled), k/v [b, kh, S, h] -> [b, kh, g, T, h];
-    T and S multiples of the blocks."""
+    T a multiple of ``block_q``, S at least ``block_k``."""
     return _flash_fwd(q, k, v, q_seg, kv_seg, offset, block_q, block_k)[0]
 
 
 def _flash_fwd(q, k, v, q_seg, kv_seg, offset, block_q, block_k):
-    num_q, num_k = q.shape[3] // block_q, k.shape[2] // block_k
+    num_q, num_k = q.shape[3] // block_q, -(-k.shape[2] // block_k)
     head_dim = v.shape[-1]
 
     def query_block(_, i):
@@ -144,7 +153,7 @@ def _flash_fwd(q, k, v, q_seg, kv_seg, offset, block_q, block_k):
             new_max = jnp.maximum(max_logit, logits.max(axis=-1))
             probs = jnp.where(mask, jnp.exp(logits - new_max[..., None]), 0.0)
             correction = jnp.exp(max_logit - new_max)
-            v_block = jax.lax.dynamic_slice_in_dim(v, j * block_k, block_k, axis=2)
+            v_block = jax.lax.dynamic_slice_in_dim(v, _key_block_start(j, block_k, v.shape[2]), block_k, axis=2)
             update = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), v_block,
                                 preferred_element_type=jnp.float32)
             return new_max, correction * total + probs.sum(-1), correction[..., None] * acc + update
@@ -174,7 +183,7 @@ def _merge_blocks(blocks: jax.Array) -> jax.Array:
 
 def _flash_bwd(block_q, block_k, residuals, out_grad):
     q, k, v, q_seg, kv_seg, offset, out, log_sum_exp = residuals
-    num_q, num_k = q.shape[3] // block_q, k.shape[2] // block_k
+    num_q, num_k = q.shape[3] // block_q, -(-k.shape[2] // block_k)
     # softmax backward: d logits = p * (d p - sum_s p d p), and sum_s p d p = <d out, out>.
     delta = jnp.sum(out_grad.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
@@ -190,8 +199,9 @@ def _flash_bwd(block_q, block_k, residuals, out_grad):
             q_grad, k_grad, v_grad = carry
             logits, mask = _tile(q_block, k, q_seg_block, kv_seg, offset, i, j, block_q, block_k)
             probs = jnp.where(mask, jnp.exp(logits - lse_block[..., None]), 0.0)
-            v_block = jax.lax.dynamic_slice_in_dim(v, j * block_k, block_k, axis=2)
-            k_block = jax.lax.dynamic_slice_in_dim(k, j * block_k, block_k, axis=2)
+            start = _key_block_start(j, block_k, k.shape[2])
+            v_block = jax.lax.dynamic_slice_in_dim(v, start, block_k, axis=2)
+            k_block = jax.lax.dynamic_slice_in_dim(k, start, block_k, axis=2)
             v_update = jnp.einsum("bkgts,bkgth->bksh", probs.astype(v.dtype), grad_block,
                                   preferred_element_type=jnp.float32)
             probs_grad = jnp.einsum("bkgth,bksh->bkgts", grad_block, v_block,
@@ -201,8 +211,8 @@ def _flash_bwd(block_q, block_k, residuals, out_grad):
                                          preferred_element_type=jnp.float32)
             k_update = jnp.einsum("bkgts,bkgth->bksh", logits_grad, q_block,
                                   preferred_element_type=jnp.float32)
-            k_grad = _add_block(k_grad, k_update, j * block_k)
-            v_grad = _add_block(v_grad, v_update, j * block_k)
+            k_grad = _add_block(k_grad, k_update, start)  # masked keys add 0
+            v_grad = _add_block(v_grad, v_update, start)
             return q_grad, k_grad, v_grad
 
         hi = _key_blocks_needed(offset, i, block_q, block_k, num_k)

@@ -13,18 +13,12 @@ import functools
 import math
 
 import jax
-from glmjax import sharding
 
-Q_AXES = ("act_batch", "act_seq", "act_heads", "act_head_dim")
-KV_AXES = ("act_batch", "act_seq", "act_kv_heads", "act_head_dim")
+from glmjax.models.attention_sharding import ambient_mesh, head_layout
 
 NO_GRADIENT_MESSAGE = (
     "attention_backend='sample' is a prefill method: it has no gradient; "
     "train with 'splash'/'blockwise'/'xla'")
-
-
-def _names(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _refuse_gradient(function):
@@ -105,34 +99,21 @@ def sharded_sample_attention(
     if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[2] % k.shape[2]:
         raise ValueError(f"sample attention needs self-attention q [b, s, h, d] and k/v "
                          f"[b, s, kv_h, d] with h % kv_h == 0; got {q.shape}, {k.shape}, {v.shape}")
-    batch, seq, heads, _ = q.shape
-    groups = heads // k.shape[2]
+    seq = q.shape[1]
     attend = functools.partial(
         sample_attention, alpha=alpha, causal=True, window_ratio=window_ratio,
         row_ratio=row_ratio, block_q=block_q, block_k=block_k, backend=backend,
         interpret=interpret)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or math.prod(mesh.axis_sizes) == 1:
+    mesh = ambient_mesh()
+    if mesh is None:
         return _refuse_gradient(attend)(q, k, v)
-
-    q_spec = sharding.logical_to_spec(Q_AXES, q.shape, mesh)
-    kv_spec = sharding.logical_to_spec(KV_AXES, k.shape, mesh)
-    head_names = _names(q_spec[2])
-    local_heads = heads // math.prod(mesh.shape[name] for name in head_names)
-    split_queries_only = (bool(head_names) and kv_spec[2] is None and q_spec[0] == kv_spec[0]
-                          and not (groups % local_heads and local_heads % groups))
-    if not split_queries_only:  # heads split like the KV heads, or not at all
-        q_spec = kv_spec
-    seq_names = _names(q_spec[1])
+    layout = head_layout(q.shape, k.shape, mesh, split_sequence=True)
+    seq_names = layout.sequence_axes
     local_seq = seq // math.prod(mesh.shape[name] for name in seq_names)
 
     def local(q, k, v):
-        if split_queries_only:
-            local_kv_heads = max(1, local_heads // groups)
-            first_kv_head = jax.lax.axis_index(head_names) * local_heads // groups
-            k = jax.lax.dynamic_slice_in_dim(k, first_kv_head, local_kv_heads, axis=2)
-            v = jax.lax.dynamic_slice_in_dim(v, first_kv_head, local_kv_heads, axis=2)
+        k, v = layout.select_kv(k), layout.select_kv(v)
         if not seq_names:
             return attend(q, k, v)
         q, k, v = (jax.lax.all_gather(x, seq_names, axis=1, tiled=True) for x in (q, k, v))
@@ -140,7 +121,7 @@ def sharded_sample_attention(
         return attend(q, k, v, query_start=start, query_len=local_seq)
 
     def sharded(q, k, v):
-        return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec),
-                             out_specs=q_spec, check_vma=False)(q, k, v)
+        return jax.shard_map(local, mesh=mesh, in_specs=(layout.q_spec, layout.kv_spec, layout.kv_spec),
+                             out_specs=layout.q_spec, check_vma=False)(q, k, v)
 
     return _refuse_gradient(sharded)(q, k, v)
