@@ -76,17 +76,18 @@ def test_topology_errors_name_the_topology():
         hardware.tpu_topology_mesh("v5e:2x2", (1, 8, 1, 1))
 
 
-@pytest.mark.parametrize("topology,mesh_shape", [
-    ("v5e:2x2", (1, 4, 1, 1)),    # FSDP: splash per batch shard
-    ("v5p:2x2x1", (2, 1, 2, 1)),  # data x tensor: splash per (batch, KV head) shard
+@pytest.mark.parametrize("topology,mesh_shape,seq", [
+    ("v5e:2x2", (1, 4, 1, 1), 256),    # FSDP: splash per batch shard
+    ("v5p:2x2x1", (2, 1, 2, 1), 256),  # data x tensor: splash per (batch, KV head) shard
+    ("v5p:2x2x1", (1, 1, 1, 4), 512),  # context parallel: each chip's 128-query chunk, K/V gathered
 ])
-def test_decoder_forward_backward_compiles_for_tpu_with_splash(topology, mesh_shape, capsys):
+def test_decoder_forward_backward_compiles_for_tpu_with_splash(topology, mesh_shape, seq, capsys):
     config = preset("glm4-tiny").replace(attention_backend="splash", compute_dtype="bfloat16")
     mesh = hardware.tpu_topology_mesh(topology, mesh_shape)
     graphdef, state = nnx.split(abstract_model(config))
     shardings = state_shardings(state, mesh)
     abstract_state = _abstract(state, shardings)
-    batch, seq = 4, 256
+    batch = 4
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sharding.named_sharding(
         ("act_batch", "act_seq"), (batch, seq), mesh))
 
@@ -99,6 +100,7 @@ def test_decoder_forward_backward_compiles_for_tpu_with_splash(topology, mesh_sh
         step = jax.jit(jax.value_and_grad(loss_fn), out_shardings=(None, shardings))
         compiled = step.lower(abstract_state, ids).compile()
     assert "tpu_custom_call" in compiled.as_text()  # Mosaic splash kernels, not the interpreter
+    assert ("all-gather" in compiled.as_text()) == (mesh_shape[3] > 1 or mesh_shape[1] > 1)
     memory = compiled.memory_analysis()
     param_bytes = 4 * flops.count_params(config).total
     assert 0 < memory.argument_size_in_bytes < param_bytes  # parameters are sharded
