@@ -71,6 +71,9 @@ _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on (0: a free one, pr
 _SERVED_MODEL_NAME = flags.DEFINE_string("served_model_name", None,
                                          "Model id clients send (default: the model directory's name).")
 _MAX_SLOTS = flags.DEFINE_integer("max_slots", 16, "Completions decoded together (KV cache rows).")
+_PREFILL_CHUNK = flags.DEFINE_integer(
+    "prefill_chunk", None, "Prefill prompts longer than this many tokens in chunks of it (bounded "
+    "activation memory for long prompts); default: one forward per prompt.")
 _MAX_LEN = flags.DEFINE_integer("max_len", None, "Prompt + completion tokens per request at most "
                                 "(default: the model's max_position_embeddings, at most 4096).")
 _DECODE_CHUNK = flags.DEFINE_integer("decode_chunk", 8, "Decode steps per device call at most "
@@ -121,7 +124,8 @@ def _run() -> int:
     common.initialize_distributed()
     tokenizer = _tokenizer()  # before the weights: a missing tokenizer fails fast
     mesh = None if _MESH_SHAPE.value is None else sharding.make_mesh([int(s) for s in _MESH_SHAPE.value])
-    engine = GenerationEngine(_load(mesh), mesh=mesh, max_batch_size=_MAX_SLOTS.value)
+    engine = GenerationEngine(_load(mesh), mesh=mesh, max_batch_size=_MAX_SLOTS.value,
+                              prefill_chunk=_PREFILL_CHUNK.value)
     max_len = _MAX_LEN.value or min(4096, engine.config.max_position_embeddings)
     if max_len > engine.config.max_position_embeddings:
         raise UserError(f"--max_len={max_len} exceeds the model's max_position_embeddings "

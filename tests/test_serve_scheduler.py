@@ -173,3 +173,19 @@ def test_refusals(engine, scheduler):
             busy.submit(GenerationRequest([3], 2), lambda event: None)
     with pytest.raises(SchedulerClosed, match="not running"):
         busy.submit(GenerationRequest([3], 2), lambda event: None)
+
+
+def test_chunked_prefill_admits_what_one_forward_admits(engine):
+    """An engine with ``prefill_chunk`` (8-token chunks of the 32-token prompt bucket) serves the
+    same greedy tokens as the one-forward prefill of the same weights."""
+    from glmjax.inference.engine import GenerationEngine
+    from glmjax.models import create_model, preset
+
+    model = create_model(preset("glm4-tiny").replace(vocab_size=VOCAB), seed=7)  # tiny_engine's
+    chunked = GenerationEngine(model, max_batch_size=8, length_buckets=engine.length_buckets, prefill_chunk=8)
+    request = GenerationRequest(PROMPTS[2], 10, seeds=[0])
+    with ContinuousScheduler(chunked, detokenize, max_slots=2, max_len=64, decode_chunk=4,
+                             max_prefill_batch=1) as s:
+        (got,) = s.generate(request)
+    (want,) = engine.generate([request.prompt], SamplingConfig(), max_new_tokens=10)
+    assert got.tokens == want.tokens

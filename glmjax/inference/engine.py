@@ -333,7 +333,9 @@ class GenerationEngine:
       stacked_layers: keep the model's stacked layer weights (scanned layers, one stacked KV
         cache) instead of the per-layer layout: no copy of the weights, slower decode on CPU.
       prefill_chunk: prefill prompts longer than this many tokens in chunks of it (``prefill``):
-        bounded activation memory for long prompts. None: one forward per prompt.
+        bounded activation memory for long prompts; the chunks' attention is exact (the flash
+        kernel over the cache), so ``attention_backend="sample"`` applies only to prompts that
+        fit in one chunk. None: one forward per prompt with the model's backend.
     """
 
     def __init__(

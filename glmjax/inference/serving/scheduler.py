@@ -458,7 +458,7 @@ class SlotPrograms:
         batch, prompt_len = ids.shape
         small = KVCache.create(self.engine.config, batch, prompt_len, self.engine.cache_dtype,
                                stacked=self.engine.stacked_layers)
-        small, last = prefill(model, ids, lengths, small)
+        small, last = prefill(model, ids, lengths, small, self.engine.prefill_chunk)
         stacked = not isinstance(small.k, tuple)
 
         def copy(big: jax.Array, new: jax.Array) -> jax.Array:
