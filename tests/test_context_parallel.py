@@ -187,24 +187,32 @@ def test_train_step_per_device_flops_and_temporaries_fall_with_the_sequence_axis
     assert 0.1 < temp_ratio < 0.17
 
 
-def test_fused_backend_on_gpu_takes_the_packed_flash_kernel():
+@pytest.mark.parametrize("sequence_shards", [1, 2])
+def test_fused_backend_on_gpu_takes_the_packed_flash_kernel(sequence_shards):
     """Packed inputs with backend "fused", lowered for CUDA on this CPU host (an abstract mesh
-    whose device is a GPU): the Pallas GPU flash kernels, no [seq, seq] mask or scores."""
+    whose devices are GPUs): the Pallas GPU flash kernels (Triton, not the interpreter), per
+    sequence shard with K/V all-gathered under context parallelism; no [seq, seq] mask or scores."""
     seq = 256
-    mesh = jax.sharding.AbstractMesh((1, 1, 1, 1), sharding.MESH_AXES, abstract_device=jax.sharding.AbstractDevice(
-        device_kind="NVIDIA H200", num_cores=None, platform="cuda"))
+    mesh = jax.sharding.AbstractMesh((1, 1, 1, sequence_shards), sharding.MESH_AXES,
+                                     abstract_device=jax.sharding.AbstractDevice(
+                                         device_kind="NVIDIA H200", num_cores=None, platform="cuda"))
 
     def loss(q, k, v, seg):
         out = attention_lib.attend(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_offsets=None,
                                    backend="fused")
         return out.astype(jnp.float32).sum()
 
-    shape = jax.ShapeDtypeStruct
-    args = (shape((2, seq, 4, 64), jnp.bfloat16), shape((2, seq, 2, 64), jnp.bfloat16),
-            shape((2, seq, 2, 64), jnp.bfloat16), shape((2, seq), jnp.int32))
+    def arg(shape, dtype, axes):
+        spec = sharding.logical_to_spec(axes, shape, mesh)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.NamedSharding(mesh, spec))
+
+    q_axes, kv_axes = ("act_batch", "act_seq", "act_heads", None), ("act_batch", "act_seq", "act_kv_heads", None)
+    args = (arg((2, seq, 4, 64), jnp.bfloat16, q_axes), arg((2, seq, 2, 64), jnp.bfloat16, kv_axes),
+            arg((2, seq, 2, 64), jnp.bfloat16, kv_axes), arg((2, seq), jnp.int32, ("act_batch", "act_seq")))
     with jax.sharding.use_abstract_mesh(mesh):
         text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
             lowering_platforms=("cuda",)).as_text()
     for kernel in ("flash_attention_forward", "flash_attention_dq", "flash_attention_dkdv"):
         assert kernel in text
+    assert ("all_gather" in text) == (sequence_shards > 1)
     assert f"{seq}x{seq}" not in text

@@ -353,7 +353,7 @@ def attend(
             kernel = _context_parallel_kernel(backend, platform, seq_q // shards)
             return context_parallel.context_parallel_attention(
                 q, k, v, q_seg, kv_seg, layout=layout, mesh=mesh, kernel=kernel,
-                interpret=platform != "tpu")
+                interpret=platform != {"splash": "tpu", "flash_gpu": "gpu"}.get(kernel, platform))
     if self_attention and backend == "fused":
         if not packed:
             return fused_attention(q, k, v, None)
