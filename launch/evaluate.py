@@ -15,12 +15,39 @@ Problems: ``--problems`` (the built-in task's eval JSONL, or a math JSONL of ``{
 ``--summarizer_model``; prompt from ``--summarizer_prompt_file`` or a gin binding of
 ``ClientSummarizer.template``). Output: ``--output_dir`` (default ``RUN_DIR/evals/inference_scaling``).
 
+``longbench_write`` (LongBench-Write, ``glmjax.evals.longbench_jobs.longbench_write_job``): the
+model writes a response to each prompt of ``--prompts`` (the official ``longbench_write.jsonl``:
+``prompt``, ``type``, ``length``) into ``OUTPUT_DIR/responses.jsonl``, a judge scores each on six
+dimensions into ``OUTPUT_DIR/scores.jsonl``, and the summary (length score S_l, quality S_q and
+their mean S, overall, by required length and by type) goes to ``report.json`` / ``report.md`` and
+stdout::
+
+  python -m launch.evaluate longbench_write --prompts=longbench_write.jsonl --output_dir=out/lbw \
+      --client=http --base_url=http://localhost:8000/v1 --model=my-model \
+      --judge_base_url=https://api.example.com/v1 --judge_model=judge --judge_api_key_env=JUDGE_KEY
+
+``longbench_v2`` (``glmjax.evals.longbench_jobs.longbench_v2_job``): each question of ``--data``
+(the official ``data.json``) in ``--mode`` (zero_shot, cot, no_context, rag), graded, into
+``OUTPUT_DIR/predictions.jsonl``; accuracy overall / easy / hard / short / medium / long to
+``report.json`` / ``report.md`` and stdout. Prompts are cut in the middle to ``--budget`` tokens
+with the tokenizer of ``--tokenizer_dir`` (default with ``--client=local``: the run's; with
+``--client=http`` and no ``--tokenizer_dir`` prompts are sent whole and the report says so)::
+
+  python -m launch.evaluate longbench_v2 --data=data.json --output_dir=out/lbv2_cot --mode=cot \
+      --client=local --run_dir=runs/long/sft
+
+The model under test is ``--client=local`` (the engine of ``--run_dir``, checkpoint ``--step``) or
+``--client=http`` (``--base_url``, ``--model``: any OpenAI-compatible endpoint, ``launch.serve``
+included). Both are resumable: rerunning the same command skips finished items and retries failed
+ones (failures in ``OUTPUT_DIR/*.errors.jsonl``); the exit status is 1 while items are unfinished.
+
 Each evaluation is a function of no arguments in ``EVALUATIONS`` reading the shared flags; bad
 input ends it with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -30,12 +57,17 @@ import gin
 from absl import app, flags
 
 from glmjax.checkpoints.hf_config import CheckpointError
-from glmjax.checkpoints.training_runs import run_tokenizer_dir
+from glmjax.checkpoints.training_runs import load_trained_model, run_tokenizer_dir
 from glmjax.data.chat_format import ChatFormatError
 from glmjax.data.sources import DataFormatError, EmptyDatasetError
 from glmjax.data.tokenizer import TokenizerError, load_tokenizer
 from glmjax.evals import inference_scaling as scaling
-from glmjax.inference.llm_client import LLMClientError, OpenAIHTTPClient
+from glmjax.evals import longbench_jobs as jobs
+from glmjax.evals import longbench_v2 as lb2
+from glmjax.inference.engine import GenerationEngine
+from glmjax.inference.llm_client import LLMClient, LLMClientError, OpenAIHTTPClient, SamplingParams
+from glmjax.inference.local_client import LocalEngineClient
+from glmjax.pipelines.runner import InputError, OutputFileError
 from launch import common
 
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "A launch.train MODEL_DIR (model config, checkpoints, tokenizer).")
@@ -52,7 +84,8 @@ _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "gin bindings (e.g
 # inference_scaling
 _BUDGETS = flags.DEFINE_list("budgets", ["8", "16", "32", "64", "128"], "Reasoning-token budgets, ascending.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "Responses per problem (pass@1 averages over them).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature of the responses.")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature of the responses (default: 1.0 "
+                                  "for inference_scaling, 0.5 for longbench_write, 0.1 for longbench_v2).")
 _CHECKER = flags.DEFINE_enum("checker", None, sorted(scaling.CHECKERS),
                              "Answer checker (default: the problems file's format).")
 _ANSWER_PREFIX = flags.DEFINE_string("answer_prefix", None,
@@ -71,6 +104,33 @@ _SUMMARIZER_API_KEY_ENV = flags.DEFINE_string("summarizer_api_key_env", None,
                                               "Environment variable holding the summariser's API key.")
 _SUMMARIZER_PROMPT_FILE = flags.DEFINE_string("summarizer_prompt_file", None, "Prompt template of the client "
                                               "summariser ({problem}, {reasoning}, optional {answer_format}).")
+
+
+# longbench_write, longbench_v2: the model under test, the judge, the data
+_CLIENT = flags.DEFINE_enum("client", None, ["local", "http"],
+                            "longbench_*: local: the engine of --run_dir; http: an OpenAI-compatible --base_url.")
+_STEP = flags.DEFINE_integer("step", None, "--client=local: checkpoint step (default: the newest good one).")
+_BASE_URL = flags.DEFINE_string("base_url", None, "--client=http: API root, e.g. http://localhost:8000/v1.")
+_MODEL = flags.DEFINE_string("model", None, "--client=http: model name sent to --base_url.")
+_API_KEY_ENV = flags.DEFINE_string("api_key_env", None, "--client=http: environment variable holding the API key.")
+_TIMEOUT_S = flags.DEFINE_float("timeout_s", 600.0, "HTTP clients: socket timeout per request attempt (s).")
+_CONCURRENCY = flags.DEFINE_integer("concurrency", 4, "longbench_*: items worked on at once.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer(
+    "max_new_tokens", None, "longbench_*: new tokens of a response (default: 32768 for longbench_write; for "
+    "longbench_v2 128 for an answer, 1024 for a chain of thought, whose answer pass keeps 128).")
+_PROMPTS = flags.DEFINE_string("prompts", None, "longbench_write: the prompts JSONL (prompt, type, length).")
+_JUDGE_BASE_URL = flags.DEFINE_string(
+    "judge_base_url", None, "longbench_write: OpenAI-compatible API root of the quality judge; without it the "
+    "model under test judges itself (the local engine, or --model at --base_url).")
+_JUDGE_MODEL = flags.DEFINE_string("judge_model", None, "longbench_write: model name sent to --judge_base_url.")
+_JUDGE_API_KEY_ENV = flags.DEFINE_string("judge_api_key_env", None,
+                                         "longbench_write: environment variable holding the judge's API key.")
+_JUDGE_TRIES = flags.DEFINE_integer("judge_tries", 5, "longbench_write: judge calls per response at most.")
+_DATA = flags.DEFINE_string("data", None, "longbench_v2: the data file (official data.json, or JSONL).")
+_MODE = flags.DEFINE_enum("mode", "zero_shot", list(lb2.MODES), "longbench_v2: the prompt.")
+_BUDGET = flags.DEFINE_integer("budget", lb2.DEFAULT_BUDGET, "longbench_v2: prompt tokens kept by middle "
+                               "truncation (needs a tokenizer: --tokenizer_dir, or the run's with --client=local).")
+_RAG_TOP_K = flags.DEFINE_integer("rag_top_k", None, "longbench_v2 --mode=rag: retrieved chunks shown (default: all).")
 
 
 class UserError(ValueError):
@@ -129,8 +189,9 @@ def inference_scaling() -> int:
         raise UserError(f"--budgets must be ascending, distinct positive integers, got {','.join(_BUDGETS.value)!r}")
     if _NUM_SAMPLES.value < 1:
         raise UserError(f"--num_samples must be >= 1, got {_NUM_SAMPLES.value}")
-    if _TEMPERATURE.value < 0:
-        raise UserError(f"--temperature must be >= 0, got {_TEMPERATURE.value}")
+    temperature = 1.0 if _TEMPERATURE.value is None else _TEMPERATURE.value
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {temperature}")
     checkpoints = scaling.RunCheckpoints(run_dir, _int_list(_STEPS.value, "steps"))
     tokenizer = load_tokenizer(_TOKENIZER_DIR.value or run_tokenizer_dir(run_dir))
     path = _problems_path()
@@ -138,7 +199,7 @@ def inference_scaling() -> int:
     problems = scaling.load_scaling_problems(path, tokenizer, problem_format, _MAX_PROBLEMS.value)
     checker = _CHECKER.value or problem_format
     report = scaling.evaluate_inference_scaling(
-        checkpoints, tokenizer, problems, budgets, _NUM_SAMPLES.value, _TEMPERATURE.value,
+        checkpoints, tokenizer, problems, budgets, _NUM_SAMPLES.value, temperature,
         checker=checker, summarizer=_client_summarizer(checker), answer_prefix=_ANSWER_PREFIX.value,
         max_answer_tokens=_MAX_ANSWER_TOKENS.value, seed=_SEED.value, batch_size=_BATCH_SIZE.value,
         progress=_PROGRESS.value, finished_responses=_FINISHED_RESPONSES.value)
@@ -148,10 +209,109 @@ def inference_scaling() -> int:
     return 0
 
 
-EVALUATIONS: dict[str, Callable[[], int]] = {"inference_scaling": inference_scaling}
+def _require(**values: object) -> None:
+    missing = [f"--{name}" for name, value in values.items() if value is None]
+    if missing:
+        raise UserError(f"this evaluation needs {', '.join(missing)}")
+
+
+def _longbench_output_dir(name: str) -> Path:
+    if _OUTPUT_DIR.value is None and _RUN_DIR.value is None:
+        raise UserError(f"this evaluation needs --output_dir (or --run_dir, whose evals/{name} is the default)")
+    return _output_dir(name)
+
+
+def _client_under_test() -> tuple[LLMClient, str, Path | None]:
+    """(the model under test, its name for reports, its tokenizer directory or None)."""
+    _require(client=_CLIENT.value)
+    if _CLIENT.value == "local":
+        run_dir = _run_dir()
+        tokenizer_dir = Path(_TOKENIZER_DIR.value or run_tokenizer_dir(run_dir))
+        engine = GenerationEngine(load_trained_model(run_dir, _STEP.value), max_batch_size=_BATCH_SIZE.value)
+        return LocalEngineClient(engine, load_tokenizer(tokenizer_dir)), run_dir.name, tokenizer_dir
+    _require(base_url=_BASE_URL.value, model=_MODEL.value)
+    client = OpenAIHTTPClient(_BASE_URL.value, _MODEL.value, api_key_env=_API_KEY_ENV.value,
+                              timeout_s=_TIMEOUT_S.value)
+    return client, _MODEL.value, Path(_TOKENIZER_DIR.value) if _TOKENIZER_DIR.value else None
+
+
+def _check_client_flags() -> None:
+    """Flag combinations of the model under test, checked before any file is read or model loaded."""
+    _require(client=_CLIENT.value)
+    if _CLIENT.value == "local":
+        _require(run_dir=_RUN_DIR.value)
+    else:
+        _require(base_url=_BASE_URL.value, model=_MODEL.value)
+    if _CONCURRENCY.value < 1:
+        raise UserError(f"--concurrency must be >= 1, got {_CONCURRENCY.value}")
+
+
+def _sampling(default: SamplingParams) -> SamplingParams:
+    """``default`` with --max_new_tokens and --temperature applied."""
+    changes = {}
+    if _MAX_NEW_TOKENS.value is not None:
+        changes["max_tokens"] = _MAX_NEW_TOKENS.value
+    if _TEMPERATURE.value is not None:
+        changes["temperature"] = _TEMPERATURE.value
+    return dataclasses.replace(default, **changes)
+
+
+def _finish(report: dict) -> int:
+    """Prints the report; 1 (with a line on stderr) while items are unfinished, else 0."""
+    print(json.dumps(report))
+    if report["unfinished"]:
+        print(f"evaluate {report['benchmark']}: {report['unfinished']} of {report['items']} items unfinished "
+              f"({report['failed']} failed this run; reasons in the *.errors.jsonl files of the output "
+              "directory); rerun the same command to finish them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def longbench_write() -> int:
+    """LongBench-Write: generate, judge, summarise (module docstring)."""
+    _require(prompts=_PROMPTS.value)
+    _check_client_flags()
+    if (_JUDGE_BASE_URL.value is None) != (_JUDGE_MODEL.value is None):
+        raise UserError("--judge_base_url and --judge_model go together")
+    output_dir = _longbench_output_dir("longbench_write")
+    jobs.check_write_files(_PROMPTS.value, output_dir)  # bad files are refused before a model loads
+    judge = None
+    if _JUDGE_BASE_URL.value is not None:
+        judge = OpenAIHTTPClient(_JUDGE_BASE_URL.value, _JUDGE_MODEL.value, api_key_env=_JUDGE_API_KEY_ENV.value,
+                                 timeout_s=_TIMEOUT_S.value)
+    client, _, _ = _client_under_test()
+    report = jobs.longbench_write_job(
+        _PROMPTS.value, output_dir, client, judge or client, sampling=_sampling(jobs.DEFAULT_WRITE_SAMPLING),
+        judge_tries=_JUDGE_TRIES.value, seed=_SEED.value, concurrency=_CONCURRENCY.value,
+        progress=_PROGRESS.value)
+    return _finish(report)
+
+
+def longbench_v2() -> int:
+    """LongBench v2 in --mode: ask, grade, score (module docstring)."""
+    _require(data=_DATA.value)
+    _check_client_flags()
+    if _BUDGET.value < 1:
+        raise UserError(f"--budget must be >= 1 token, got {_BUDGET.value}")
+    output_dir = _longbench_output_dir(f"longbench_v2_{_MODE.value}")
+    jobs.check_v2_files(_DATA.value, output_dir, _MODE.value)  # before a model loads
+    client, name, tokenizer_dir = _client_under_test()
+    tokenizer = None if tokenizer_dir is None else load_tokenizer(tokenizer_dir)
+    first = lb2.COT_SAMPLING if _MODE.value == "cot" else lb2.DIRECT_SAMPLING
+    answer = lb2.DIRECT_SAMPLING if _TEMPERATURE.value is None else dataclasses.replace(
+        lb2.DIRECT_SAMPLING, temperature=_TEMPERATURE.value)
+    report = jobs.longbench_v2_job(
+        _DATA.value, output_dir, client, mode=_MODE.value, tokenizer=tokenizer, budget=_BUDGET.value,
+        sampling=_sampling(first), answer_sampling=answer, rag_top_k=_RAG_TOP_K.value, name=name,
+        seed=_SEED.value, concurrency=_CONCURRENCY.value, progress=_PROGRESS.value)
+    return _finish(report)
+
+
+EVALUATIONS: dict[str, Callable[[], int]] = {"inference_scaling": inference_scaling,
+                                             "longbench_write": longbench_write, "longbench_v2": longbench_v2}
 """Evaluation name -> its entry point (reads the flags, returns the exit status)."""
 
-_USER_ERRORS = (UserError, CheckpointError, DataFormatError, EmptyDatasetError, TokenizerError, ChatFormatError,
+_USER_ERRORS = (UserError, InputError, OutputFileError, CheckpointError, DataFormatError, EmptyDatasetError, TokenizerError, ChatFormatError,
                 LLMClientError, FileNotFoundError, ValueError)
 
 
