@@ -11,7 +11,14 @@ r"""Runs a data pipeline (``glmjax.pipelines``) with LLM clients from the comman
   python -m launch.pipeline t1_cot --input=problems.jsonl --output=DIR --client=http \
       --base_url=http://localhost:8000/v1 --model=m1,m2 --api_key_env=OPENAI_API_KEY --concurrency=16
 
+  # AgentWrite (LongWriter): plan each instruction, write it paragraph by paragraph, export SFT rows:
+  python -m launch.pipeline agentwrite --input=instructions.jsonl --output=DIR --client=http \
+      --base_url=http://localhost:8000/v1 --model=m --concurrency=8 --gin.agentwrite_pipeline.max_steps=50
+
 Pipelines:
+  ``agentwrite``: ``glmjax.pipelines.agentwrite.agentwrite_pipeline`` on ``{"id"?, "instruction"}``
+    rows; ``--output`` is its directory (``plans.jsonl``, ``writes.jsonl``, ``sft.jsonl``). The
+    first ``--model`` (or ``--planner_model`` / ``--writer_model``) plans and writes.
   ``t1_cot``: ``glmjax.pipelines.t1_cot.t1_cot_pipeline`` (knobs by ``--gin_file`` /
     ``--gin_bindings`` / ``--gin.NAME=VALUE``); ``--output`` is its directory.
   ``builtin_problems``: writes ``--num_problems`` problems of the built-in arithmetic task
@@ -36,15 +43,17 @@ from glmjax.data.tokenizer import TokenizerError, load_tokenizer
 from glmjax.inference.engine import GenerationEngine
 from glmjax.inference.llm_client import LLMClient, OpenAIHTTPClient
 from glmjax.inference.local_client import LocalEngineClient
+from glmjax.pipelines import agentwrite, t1_cot
+from glmjax.pipelines.agentwrite import agentwrite_pipeline
 from glmjax.pipelines.runner import InputError, OutputFileError
-from glmjax.pipelines.t1_cot import PromptError, check_files, t1_cot_pipeline, write_builtin_problems
+from glmjax.pipelines.t1_cot import PromptError, t1_cot_pipeline, write_builtin_problems
 from launch import common
 from launch.train import GinConfigError, parse_gin, split_gin_shorthand  # also --gin_file, --gin_bindings
 
-PIPELINES = ("t1_cot", "builtin_problems")
+PIPELINES = ("t1_cot", "builtin_problems", "agentwrite")
 
 _INPUT = flags.DEFINE_string("input", None, "Input JSONL of the pipeline's items.")
-_OUTPUT = flags.DEFINE_string("output", None, "Output directory (t1_cot) or file (builtin_problems).")
+_OUTPUT = flags.DEFINE_string("output", None, "Output directory (t1_cot, agentwrite) or file (builtin_problems).")
 _CLIENT = flags.DEFINE_enum("client", None, ["local", "http"],
                             "local: the engine of --run_dir; http: an OpenAI-compatible --base_url.")
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "--client=local: a launch.train MODEL_DIR.")
@@ -56,6 +65,8 @@ _BASE_URL = flags.DEFINE_string("base_url", None, "--client=http: API root, e.g.
 _MODEL = flags.DEFINE_list("model", None, "--client=http: model name(s); each one samples attempts.")
 _CRITIC_MODEL = flags.DEFINE_string("critic_model", None, "--client=http: critic model (default: the first --model).")
 _WRITER_MODEL = flags.DEFINE_string("writer_model", None, "--client=http: writer model (default: the first --model).")
+_PLANNER_MODEL = flags.DEFINE_string("planner_model", None,
+                                     "--client=http, agentwrite: planner model (default: the first --model).")
 _API_KEY_ENV = flags.DEFINE_string("api_key_env", None, "--client=http: environment variable holding the API key.")
 _TIMEOUT_S = flags.DEFINE_float("timeout_s", 600.0, "--client=http: socket timeout per request attempt.")
 _CONCURRENCY = flags.DEFINE_integer("concurrency", None, "Items worked on at once (default: the pipeline's).")
@@ -78,8 +89,8 @@ def _require(**values: object) -> None:
         raise UserError(f"this command needs {', '.join(missing)}")
 
 
-def _clients() -> tuple[list[LLMClient], LLMClient, LLMClient]:
-    """(attempt clients, critic, writer) from the flags."""
+def _clients() -> tuple[list[LLMClient], LLMClient, LLMClient, LLMClient]:
+    """(attempt clients, critic, writer, planner) from the flags."""
     _require(client=_CLIENT.value)
     if _CLIENT.value == "local":
         _require(run_dir=_RUN_DIR.value)
@@ -87,7 +98,7 @@ def _clients() -> tuple[list[LLMClient], LLMClient, LLMClient]:
         engine = GenerationEngine(load_trained_model(_RUN_DIR.value, _STEP.value),
                                   max_batch_size=_MAX_BATCH_SIZE.value)
         client = LocalEngineClient(engine, tokenizer)
-        return [client], client, client
+        return [client], client, client, client
     _require(base_url=_BASE_URL.value, model=_MODEL.value)
 
     def http(model: str) -> OpenAIHTTPClient:
@@ -97,7 +108,8 @@ def _clients() -> tuple[list[LLMClient], LLMClient, LLMClient]:
     attempts = [http(model) for model in _MODEL.value]
     critic = http(_CRITIC_MODEL.value) if _CRITIC_MODEL.value else attempts[0]
     writer = http(_WRITER_MODEL.value) if _WRITER_MODEL.value else attempts[0]
-    return attempts, critic, writer
+    planner = http(_PLANNER_MODEL.value) if _PLANNER_MODEL.value else attempts[0]
+    return attempts, critic, writer, planner
 
 
 def _run(name: str) -> int:
@@ -108,11 +120,16 @@ def _run(name: str) -> int:
         print(json.dumps({"written": written, "output": _OUTPUT.value}))
         return 0
     _require(input=_INPUT.value, output=_OUTPUT.value)
-    check_files(_INPUT.value, _OUTPUT.value)  # bad files are refused before a model loads
-    attempt_clients, critic, writer = _clients()
+    job = agentwrite if name == "agentwrite" else t1_cot
+    job.check_files(_INPUT.value, _OUTPUT.value)  # bad files are refused before a model loads
+    attempt_clients, critic, writer, planner = _clients()
     overrides = {} if _CONCURRENCY.value is None else {"concurrency": _CONCURRENCY.value}
-    result = t1_cot_pipeline(_INPUT.value, _OUTPUT.value, attempt_clients, critic, writer,
-                             progress=_PROGRESS.value, **overrides)
+    if name == "agentwrite":
+        result = agentwrite_pipeline(_INPUT.value, _OUTPUT.value, planner, writer, progress=_PROGRESS.value,
+                                     **overrides)
+    else:
+        result = t1_cot_pipeline(_INPUT.value, _OUTPUT.value, attempt_clients, critic, writer,
+                                 progress=_PROGRESS.value, **overrides)
     print(json.dumps(result))
     if result["failed"]:
         errors = [stage["errors"] for stage in result["stages"].values() if stage["failed"]]
