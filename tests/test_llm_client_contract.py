@@ -126,3 +126,22 @@ def test_tool_calls_are_parsed(kind, tokenizer, tmp_path_factory):
     assert (parsed.name, parsed.arguments, turn.reply.content, turn.error) == ("get_weather", {}, "", None)
     follow_up = turn.reply.to_message()  # goes back into the conversation either way
     assert follow_up["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+def test_token_usage_reaches_the_callers_meters(client, engine, tokenizer):
+    """Every generation reports its prompt and completion tokens to the active meters (also from
+    the HTTP client's worker threads); nested meters both count; the counts are the chat format's
+    prompt ids and the generated ids, for both clients."""
+    from glmjax.inference.llm_client import record_usage
+
+    prompts = [len(chat_format_for(tokenizer).prompt_ids(c)) for c in CONVERSATIONS]
+    generated = [len(turn.tokens) for turn in LocalEngineClient(engine, tokenizer).assistant_turns(
+        CONVERSATIONS, GREEDY)]
+    with record_usage() as outer:
+        with record_usage() as inner:
+            client.assistant_turns(CONVERSATIONS, GREEDY)
+        client.complete(USER, GREEDY)
+    assert inner.total.calls == 3 and inner.total.unreported == 0
+    assert inner.total.prompt_tokens == sum(prompts)
+    assert inner.total.completion_tokens == sum(generated) > 0
+    assert outer.total.calls == 4 and outer.total.prompt_tokens == sum(prompts) + prompts[0]

@@ -251,3 +251,38 @@ def test_kill_9_loses_no_finished_row_and_duplicates_none(tmp_path):
     assert sorted(row["id"] for row in final) == list(range(total))
     assert all(row["payload"] == f"{row['id']}:" + "x" * 20000 for row in final)
     assert "kill:" in done.stderr and "item/s" in done.stderr  # tqdm's bar, with its rate
+
+
+def test_token_counts_of_every_call_are_recorded_per_item_and_summed(tmp_path):
+    """Each item's LLM calls (reported by any client, here from threads the work starts, and by a
+    server without ``usage``) land in its row, its error row, and the stage's sum."""
+    from fake_openai_server import FakeOpenAIServer
+
+    from glmjax.inference.llm_client import OpenAIHTTPClient, record_usage, report_usage
+
+    def work(item):
+        k = item.row["x"]
+        threads = [threading.Thread(target=report_usage, args=(10 * k, k)) for _ in range(2)]
+        for thread in threads:  # plain threads do not inherit the context: these are not counted
+            thread.start()
+            thread.join()
+        report_usage(10 * k, k)
+        report_usage(5, 1)
+        if k == 2:
+            raise RuntimeError("judge gave up")
+        if k == 3:
+            client.complete([{"role": "user", "content": "hi"}])  # a server without usage
+        return {"k": k}
+
+    with FakeOpenAIServer() as server:
+        client = OpenAIHTTPClient(server.base_url, "m", max_retries=0, use_env_proxy=False)
+        with record_usage() as job:
+            outcome = run_stage("s", _items(4), work, tmp_path / "out.jsonl", concurrency=2, progress=False)
+    rows = {row["id"]: row for row in _lines(tmp_path / "out.jsonl")}
+    assert rows["i1"]["usage"] == {"calls": 2, "prompt_tokens": 15, "completion_tokens": 2, "unreported": 0}
+    assert rows["i3"]["usage"] == {"calls": 3, "prompt_tokens": 35, "completion_tokens": 4, "unreported": 1}
+    (error,) = _lines(tmp_path / os.path.basename(errors_path_for(tmp_path / "out.jsonl")))
+    assert error["usage"] == {"calls": 2, "prompt_tokens": 25, "completion_tokens": 3, "unreported": 0}
+    assert outcome.usage.to_json() == {"calls": 9, "prompt_tokens": 80, "completion_tokens": 10, "unreported": 1}
+    assert outcome.as_dict()["usage"]["prompt_tokens"] == 80
+    assert job.total == outcome.usage  # a meter around run_stage sees the items' calls too

@@ -23,12 +23,17 @@ the local engine and against ``launch.serve``):
 * **per-item results**: every item is attempted; when some fail, the call raises the failure of
   the lowest index (``batch_index`` set) and its ``results`` holds, in input order, the result of
   every item that succeeded and the :class:`LLMClientError` of every one that failed.
+* **token usage**: every generation a client obtains is reported (:func:`report_usage`) to the
+  meters of :func:`record_usage` active in the calling context, so a job can count the tokens
+  of each item's calls (the pipeline runner does) whatever client serves them.
 """
 
 from __future__ import annotations
 
 import abc
 import concurrent.futures
+import contextlib
+import contextvars
 import dataclasses
 import http.client
 import json
@@ -38,7 +43,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Literal, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence, TypeVar
 
 from glmjax.data.chat_format import (
     ChatFormatError,
@@ -120,6 +125,75 @@ class AssistantTurn:
     finish_reason: Literal["stop", "length"]
     reply: Reply
     error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenUsage:
+    """Tokens of a set of generations.
+
+    Attributes:
+      calls: generations (one per conversation answered; retries that failed are not counted).
+      prompt_tokens, completion_tokens: tokens in and out, as the model's tokenizer counts them
+        (a server's ``usage``; the local engine's ids).
+      unreported: generations whose server sent no ``usage`` (their tokens are not in the sums).
+    """
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    unreported: int = 0
+
+    def __add__(self, other: "TokenUsage") -> "TokenUsage":
+        return TokenUsage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    def to_json(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+class UsageMeter:
+    """The summed :class:`TokenUsage` of the generations reported while it is active (thread-safe:
+    a client may report from its worker threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._total = TokenUsage()
+
+    def add(self, usage: TokenUsage) -> None:
+        with self._lock:
+            self._total = self._total + usage
+
+    @property
+    def total(self) -> TokenUsage:
+        with self._lock:
+            return self._total
+
+
+_ACTIVE_METERS: contextvars.ContextVar[tuple[UsageMeter, ...]] = contextvars.ContextVar(
+    "glmjax_usage_meters", default=())
+
+
+@contextlib.contextmanager
+def record_usage() -> Iterator[UsageMeter]:
+    """A meter of the token usage of every generation reported in this context (this thread, and
+    the worker threads clients start from it) until the block ends; meters nest (each active one
+    counts)."""
+    meter = UsageMeter()
+    token = _ACTIVE_METERS.set(_ACTIVE_METERS.get() + (meter,))
+    try:
+        yield meter
+    finally:
+        _ACTIVE_METERS.reset(token)
+
+
+def report_usage(prompt_tokens: int | None, completion_tokens: int | None) -> None:
+    """Adds one generation to the active meters; None counts (a server without ``usage``) add
+    the generation as ``unreported``."""
+    if prompt_tokens is None or completion_tokens is None:
+        usage = TokenUsage(calls=1, unreported=1)
+    else:
+        usage = TokenUsage(1, int(prompt_tokens), int(completion_tokens))
+    for meter in _ACTIVE_METERS.get():
+        meter.add(usage)
 
 
 class LLMClient(abc.ABC):
@@ -386,7 +460,9 @@ class OpenAIHTTPClient(LLMClient):
             return []
         workers = min(self.max_concurrency, len(items))
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="llm-client") as executor:
-            futures = [executor.submit(function, index, item) for index, item in enumerate(items)]
+            # Each request runs in a copy of the caller's context: its usage reaches the caller's meters.
+            futures = [executor.submit(contextvars.copy_context().run, function, index, item)
+                       for index, item in enumerate(items)]
         outcomes: list[Any] = []
         for future in futures:
             error = future.exception()
@@ -436,7 +512,10 @@ class OpenAIHTTPClient(LLMClient):
                 timeout = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
                 if timeout <= 0:
                     raise LLMConnectionError(f"POST {self.url}: the deadline of {self.deadline_s:g} s passed")
-                return parse(self._attempt(body, timeout), self.url)
+                raw = self._attempt(body, timeout)
+                result = parse(raw, self.url)
+                report_usage(*_reply_usage(raw))
+                return result
             except LLMClientError as error:
                 wait = self._backoff_s(attempt, error.retry_after_s)
                 reason = None
@@ -563,6 +642,18 @@ def _message_text(message: Mapping[str, Any], raw: bytes, url: str) -> str:
         raise LLMResponseError(f"reply from {url} has no message text in its first choice: "
                                f"{_excerpt(raw)}", retryable=True)
     return content
+
+
+def _reply_usage(raw: bytes) -> tuple[int | None, int | None]:
+    """``(prompt_tokens, completion_tokens)`` of a reply's ``usage``, (None, None) without one."""
+    try:
+        usage = json.loads(raw).get("usage")
+        prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
+    except (ValueError, AttributeError, KeyError, TypeError):
+        return None, None
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (prompt, completion)):
+        return None, None
+    return prompt, completion
 
 
 def _reply_text(raw: bytes, url: str) -> str:

@@ -29,6 +29,7 @@ from glmjax.inference.llm_client import (
     SamplingParams,
     ToolSpecDict,
     raise_item_failures,
+    report_usage,
 )
 from glmjax.inference.sampling import SamplingConfig
 
@@ -126,6 +127,8 @@ class LocalEngineClient(LLMClient):
                 return [LLMClientError(f"conversation {indices[0]}: local engine: {err}")]
             return [turn for prompt, index in zip(prompts, indices)
                     for turn in self._generate([prompt], [index], seed, sampling)]
+        for prompt, result in zip(prompts, results):
+            report_usage(len(prompt), len(result.tokens))
         return [self._turn(result, sampling) for result in results]
 
     def _turn(self, result: GenerationResult, sampling: SamplingParams) -> AssistantTurn:

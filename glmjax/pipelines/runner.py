@@ -22,9 +22,12 @@ Every data-construction job and evaluation runs its stages through :func:`run_st
 * **Concurrency**: at most ``concurrency`` items are worked on at once, in threads (LLM clients
   are thread-safe and retry transient failures themselves); rows are written by the calling
   thread only, so lines never interleave.
-* **Progress**: a tqdm bar on stderr with the rate and ETA, and the failures so far.
-
-Token counts per call are not recorded: ``LLMClient.complete`` returns text only.
+* **Progress**: a tqdm bar on stderr with the rate and ETA, the failures and the tokens so far.
+* **Token counts**: each item's work runs under a usage meter
+  (``glmjax.inference.llm_client.record_usage``); every LLM call it makes, through any client,
+  reports its prompt and completion tokens there. A row of an item that made calls gets them as
+  ``"usage"`` (``calls``, ``prompt_tokens``, ``completion_tokens``, ``unreported``: calls whose
+  server sent no ``usage``), an error row too, and :class:`StageResult` sums them over the run.
 
 Multi-stage jobs give each stage its own output file, build a later stage's items from the rows
 of the earlier ones (:func:`finished_rows`), and so can rerun any stage alone by removing its file.
@@ -35,6 +38,7 @@ atomically with :func:`write_jsonl_atomic`.
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import dataclasses
 import fcntl
 import hashlib
@@ -46,6 +50,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from tqdm import tqdm
+
+from glmjax.inference.llm_client import TokenUsage, UsageMeter, record_usage
 
 ItemId = str | int
 """An item id: the input's ``id`` (a string or an integer), or a derived ``"sha256-..."``."""
@@ -88,6 +94,8 @@ class StageResult:
       total: items given; already_done: of those, ids the output held before the run;
       finished: rows written by this run; failed: items whose work raised (retried next run).
       seconds: wall time of the run.
+      usage: tokens of the LLM calls this run's items made (finished and failed), as the clients
+        reported them (``glmjax.inference.llm_client.record_usage``); each row holds its own.
     """
 
     name: str
@@ -98,6 +106,7 @@ class StageResult:
     finished: int
     failed: int
     seconds: float
+    usage: TokenUsage = TokenUsage()
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -295,13 +304,17 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]
     return count
 
 
-def _output_row(item: Item, result: Any) -> dict[str, Any]:
-    """``{"id": item.id, **result}``, checked to be a JSON object (raises TypeError/ValueError)."""
+def _output_row(item: Item, result: Any, usage: TokenUsage) -> dict[str, Any]:
+    """``{"id": item.id, **result, "usage": usage}`` (``usage`` only when the work made LLM
+    calls; a ``usage`` the work returned is kept), checked to be a JSON object (raises
+    TypeError/ValueError)."""
     if not isinstance(result, Mapping):
         raise TypeError(f"the stage's work returned {type(result).__name__}, expected a mapping of row fields")
     if "id" in result and result["id"] != item.id:
         raise ValueError(f"the stage's work returned id {result['id']!r} for item {item.id!r}")
     row = {"id": item.id, **{k: v for k, v in result.items() if k != "id"}}
+    if usage.calls:
+        row.setdefault("usage", usage.to_json())
     json.dumps(row, ensure_ascii=False)  # fails here, recorded as the item's error, not mid-write
     return row
 
@@ -350,22 +363,33 @@ def run_stage(
         pending = [item for item in items if item.id not in out.rows]
         already_done = len(items) - len(pending)
         finished = failed = 0
+        usage = TokenUsage()
+        meters: dict[ItemId, UsageMeter] = {}
         bar = tqdm(total=len(items), initial=already_done, desc=name, unit="item", file=sys.stderr,
                    disable=not progress, dynamic_ncols=True)
 
         def settle(future: concurrent.futures.Future, item: Item) -> None:
-            nonlocal finished, failed
+            nonlocal finished, failed, usage
+            item_usage = meters.pop(item.id).total
+            usage = usage + item_usage
             try:
-                row = _output_row(item, future.result())
+                row = _output_row(item, future.result(), item_usage)
             except Exception as err:  # the item's failure: logged, retried by the next run
                 failed += 1
                 error_log.append({"id": item.id, "stage": name, "error": _reason(err),
+                                  **({"usage": item_usage.to_json()} if item_usage.calls else {}),
                                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-                bar.set_postfix(failed=failed)
             else:
                 out.append(row)
                 finished += 1
+            bar.set_postfix(failed=failed, tokens=usage.prompt_tokens + usage.completion_tokens)
             bar.update(1)
+
+        def metered(item: Item) -> Any:
+            """``work(item)`` counting its LLM calls' tokens in the item's meter."""
+            with record_usage() as meter:
+                meters[item.id] = meter
+                return work(item)
 
         queue = iter(pending)
         running: dict[concurrent.futures.Future, Item] = {}
@@ -377,7 +401,8 @@ def run_stage(
                         item = next(queue, None)
                         if item is None:
                             break
-                        running[pool.submit(work, item)] = item
+                        # In a copy of this context, so that meters around run_stage count too.
+                        running[pool.submit(contextvars.copy_context().run, metered, item)] = item
                     if not running:
                         break
                     done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -386,4 +411,4 @@ def run_stage(
             finally:
                 bar.close()
     return StageResult(name, os.fspath(output), errors, len(items), already_done, finished, failed,
-                       round(time.monotonic() - start, 3))
+                       round(time.monotonic() - start, 3), usage)
