@@ -343,3 +343,57 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
         assert message in line, line
     assert "choice_C" in lines[5]
     assert not (tmp_path / "o").exists()
+
+
+# -- the local engine of a tiny random run --------------------------------------------------------
+
+def _tiny_run_dir(root):
+    """What launch.train leaves in MODEL_DIR: model_config.json, a checkpoint, the tokenizer."""
+    import optax
+    from flax import nnx
+
+    from glmjax.models import create_model, preset
+    from glmjax.training.checkpointing import Checkpointer
+    from glmjax.training.run_config import record_run_config
+    from glmjax.training.state import fresh_train_state
+
+    tokenizer = default_tokenizer(root / "tokenizers")
+    config = preset("glm4-tiny").replace(hidden_size=64, intermediate_size=128, num_heads=2, num_kv_heads=1,
+                                         head_dim=32, max_position_embeddings=2048)
+    model = create_model(config, seed=0)
+    run = root / "run"
+    record_run_config(str(run), model.config)
+    checkpointer = Checkpointer(str(run / "checkpoints"))
+    checkpointer.save(fresh_train_state(model.config, optax.adamw(1e-3), 0,
+                                        nnx.to_pure_dict(nnx.state(model, nnx.Param))), step=1)
+    checkpointer.close()
+    save_tokenizer(tokenizer, run / "tokenizer")
+    return run, tokenizer
+
+
+@pytest.mark.slow
+def test_local_engine_writes_and_answers(tmp_path):
+    """--client=local: the tiny run writes (judged by the fake server) and answers LongBench v2 with
+    its own tokenizer cutting every prompt to --budget."""
+    run, tokenizer = _tiny_run_dir(tmp_path)
+    prompts = _write_prompts(tmp_path / "prompts.jsonl")
+    data = _v2_data(tmp_path / "data.json", long_context="filler words " * 100)
+    judge_json = json.dumps(dict.fromkeys(TITLES, 2))
+    with FakeOpenAIServer(reply=lambda request: judge_json) as server:
+        codes, lines, stderr = _evaluate([
+            ["longbench_write", f"--prompts={prompts}", f"--output_dir={tmp_path / 'w'}", "--client=local",
+             f"--run_dir={run}", f"--judge_base_url={server.base_url}", "--judge_model=judge",
+             "--max_new_tokens=8", "--concurrency=2", "--noprogress"],
+            ["longbench_v2", f"--data={data}", f"--output_dir={tmp_path / 'v'}", "--client=local",
+             f"--run_dir={run}", "--mode=zero_shot", "--budget=96", "--max_new_tokens=4", "--noprogress"],
+        ], timeout=600)
+        judged = len(server.requests)
+    assert codes == [0, 0], stderr[-3000:]
+    write, v2 = (json.loads(line) for line in lines)
+    assert write["scored"] == 4 and judged == 4
+    assert write["summary"]["overall"]["s_q"] == pytest.approx(25.0)
+    for row in _rows(tmp_path / "w" / "scores.jsonl"):  # the length score of what the model wrote
+        assert row["words"] == jobs.lbw.count_words(row["response"])
+        assert row["s_l"] == pytest.approx(jobs.lbw.length_score(row["length"], row["words"]))
+    assert v2["scored"] == 4 and v2["truncation"] == {"budget": 96, "truncated": 4}
+    assert v2["result"]["overall"]["count"] == 4 and 0 <= v2["result"]["overall"]["correct"] <= 4
