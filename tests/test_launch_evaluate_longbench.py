@@ -306,8 +306,12 @@ def test_v2_failed_calls_are_retried_and_other_modes_refused(tmp_path):
     report = jobs.longbench_v2_job(data, tmp_path / "out", client, mode="no_context", progress=False)
     assert (report["scored"], report["unfinished"], len(calls)) == (4, 0, 5)
     assert report["result"]["overall"]["correct"] == 1  # only q1's answer is A
+    rows = json.loads(data.read_text())
+    rows.append(dict(rows[0], _id="q5"))
+    data.write_text(json.dumps(rows))  # a new item too: refused before it is asked
     with pytest.raises(jobs.StaleStageError, match="answered in mode 'no_context', not 'zero_shot'"):
         jobs.longbench_v2_job(data, tmp_path / "out", client, mode="zero_shot", progress=False)
+    assert len(calls) == 5
 
 
 # -- bad input ---------------------------------------------------------------------------------

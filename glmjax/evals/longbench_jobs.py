@@ -207,6 +207,7 @@ def check_v2_files(data_path: str | os.PathLike, output_dir: str | os.PathLike,
       LongBenchV2FormatError: a malformed data file, or an item without ``retrieved_context`` in
         the ``"rag"`` mode (named by ``_id``).
       ValueError: an unknown mode; OutputFileError: a stage file that is not the runner's.
+      StaleStageError: the stage file holds rows of another mode.
     """
     if mode not in lb2.MODES:
         raise ValueError(f"unknown mode {mode!r}, expected one of {', '.join(lb2.MODES)}")
@@ -219,7 +220,13 @@ def check_v2_files(data_path: str | os.PathLike, output_dir: str | os.PathLike,
             raise lb2.LongBenchV2FormatError(
                 f"{os.fspath(data_path)}: item _id {bare[0]} has no 'retrieved_context', which the 'rag' mode "
                 f"needs ({len(bare)} items lack it)")
-    finished_rows(Path(output_dir) / f"{V2_STAGE}.jsonl")
+    path = Path(output_dir) / f"{V2_STAGE}.jsonl"
+    rows = finished_rows(path)
+    wrong_mode = [item_id for item_id, row in rows.items() if row.get("mode") != mode]
+    if wrong_mode:
+        raise StaleStageError(f"{path}: id {wrong_mode[0]!r} was answered in mode "
+                              f"{rows[wrong_mode[0]].get('mode')!r}, not {mode!r}: give each mode its own "
+                              "output directory")
     return items
 
 
@@ -290,11 +297,6 @@ def longbench_v2_job(
     stage = run_stage(V2_STAGE, runner_items, predict, files[V2_STAGE], concurrency=concurrency,
                       progress=progress).as_dict()
     rows = finished_rows(files[V2_STAGE])
-    wrong_mode = [item_id for item_id, row in rows.items() if row.get("mode") != mode]
-    if wrong_mode:
-        raise StaleStageError(f"{files[V2_STAGE]}: id {wrong_mode[0]!r} was answered in mode "
-                              f"{rows[wrong_mode[0]].get('mode')!r}, not {mode!r}: give each mode its own "
-                              "output directory")
     scored = [item for item in items if item.id in rows]
     result = lb2.score(scored, {item.id: rows[item.id]["prediction"] for item in scored})
     report = {"benchmark": "longbench_v2", "mode": mode, "items": len(items), "scored": len(scored),
