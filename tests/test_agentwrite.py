@@ -125,6 +125,10 @@ def _run(tmp_path, clients, **kwargs):
                                progress=False, **{"concurrency": 2, **kwargs})
 
 
+def _plan_steps(tmp_path, item_id):
+    return next(row["steps"] for row in _rows(tmp_path / "out" / "plans.jsonl") if row["id"] == item_id)
+
+
 def _paragraph(item_id, number):
     seed = item_seed(0, "writes", number - 1, item_id)
     return f"The {item_id} text, paragraph number {number}, with seed {seed}."
@@ -220,9 +224,16 @@ def test_resume_makes_no_calls_and_failures_retry(tmp_path):
     assert (first["failed"], first["sft_records"], first["unfinished"]) == (1, 1, 1)
     (error,) = _rows(tmp_path / "out" / "writes.errors.jsonl")
     assert error["id"] == "essay" and error["error"] == "LLMClientError: HTTP 503 after 4 retries"
+    # The essay's first paragraph is kept; finished items' paragraphs are in writes.jsonl only.
+    assert _rows(tmp_path / "out" / "paragraphs.jsonl") == [
+        {"id": json.dumps(["essay", agentwrite.plan_sha(_plan_steps(tmp_path, "essay")), 0]),
+         "paragraph": _paragraph("essay", 1)}]
     planner, writer = clients = _clients()
     second = _run(tmp_path, clients)
-    assert not planner.calls and {_id_of(p) for p, _ in writer.calls} == {"essay"} and len(writer.calls) == 2
+    (prompt, _), = writer.calls  # only the failed paragraph is written again, after the kept one
+    assert not planner.calls and _id_of(prompt) == "essay"
+    assert STEP_LINE.search(prompt).group(1) == "2" and _paragraph("essay", 1) in prompt
+    assert (tmp_path / "out" / "paragraphs.jsonl").read_text() == ""
     assert (second["failed"], second["sft_records"], second["unfinished"]) == (0, 2, 0)
     sft = (tmp_path / "out" / "sft.jsonl").read_text()
     planner, writer = clients = _clients()

@@ -16,7 +16,10 @@ under ``output_dir`` (rows keyed by instruction id; :mod:`glmjax.pipelines.runne
    paragraphs in order; the prompt of paragraph ``k`` holds the instruction, the whole plan
    (:func:`format_plan`) and paragraphs ``1..k-1`` joined by blank lines. Row: ``{"id",
    "paragraphs": [str, ...], "words": count_words(response), "plan_sha"}`` (``plan_sha`` ties
-   the paragraphs to the plan they follow).
+   the paragraphs to the plan they follow). Each paragraph is also appended to
+   ``paragraphs.jsonl`` as it is written, so an item whose later paragraph fails resumes after
+   its last written one on the next run (rows ``{"id": "[item id, plan_sha, k]", "paragraph"}``;
+   the file keeps only unfinished items' paragraphs after each run).
 
 Then, from ``writes.jsonl`` in input order, every run rewrites (atomically) ``sft.jsonl``:
 ``{"id", "messages": [{"role": "user", "content": instruction}, {"role": "assistant",
@@ -41,11 +44,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import threading
+
 import gin
 
 from glmjax.evals.longbench_write import count_words
 from glmjax.inference.llm_client import LLMClient, SamplingParams
-from glmjax.pipelines.runner import Item, ItemId, finished_rows, read_items, run_stage, write_jsonl_atomic
+from glmjax.pipelines.runner import (
+    Item,
+    ItemId,
+    JsonlAppender,
+    finished_rows,
+    read_items,
+    run_stage,
+    write_jsonl_atomic,
+)
 from glmjax.pipelines.t1_cot import item_seed, load_prompt, render
 
 STAGES = ("plans", "writes")
@@ -191,6 +204,8 @@ class _AgentWriteJob:
         self.max_words = max_words
         self.max_steps = max_steps
         self.seed = seed
+        self.cache: JsonlAppender | None = None  # paragraphs.jsonl while the write stage runs
+        self._cache_lock = threading.Lock()
 
     def _params(self, stage: str, index: int, item: Item) -> SamplingParams:
         return dataclasses.replace(self.sampling[stage], seed=item_seed(self.seed, stage, index, item.id))
@@ -209,17 +224,29 @@ class _AgentWriteJob:
     def writes(self, item: Item) -> dict[str, Any]:
         instruction = item.row["instruction"]
         steps = [PlanStep(s["main_point"], s["words"]) for s in item.row["steps"]]
-        plan = format_plan(steps)
+        plan, sha = format_plan(steps), plan_sha(item.row["steps"])
         paragraphs: list[str] = []
         for index, step in enumerate(steps):
+            key = paragraph_key(item.id, sha, index)
+            cached = self.cache.rows.get(key) if self.cache is not None else None
+            if cached is not None:
+                paragraphs.append(cached["paragraph"])
+                continue
             prompt = render(self.prompts["writes"], instruction=instruction, plan=plan,
                             text=join_paragraphs(paragraphs), step=step.line(index + 1))
-            paragraph = self.writer.complete(_user(prompt), self._params("writes", index, item))
-            if not paragraph.strip():
+            paragraph = self.writer.complete(_user(prompt), self._params("writes", index, item)).strip()
+            if not paragraph:
                 raise ValueError(f"the writer returned an empty paragraph {index + 1} of {len(steps)}")
-            paragraphs.append(paragraph.strip())
-        return {"paragraphs": paragraphs, "words": count_words(join_paragraphs(paragraphs)),
-                "plan_sha": plan_sha(item.row["steps"])}
+            paragraphs.append(paragraph)
+            if self.cache is not None:
+                with self._cache_lock:
+                    self.cache.append({"id": key, "paragraph": paragraph})
+        return {"paragraphs": paragraphs, "words": count_words(join_paragraphs(paragraphs)), "plan_sha": sha}
+
+
+def paragraph_key(item_id: ItemId, sha: str, index: int) -> str:
+    """The ``paragraphs.jsonl`` id of paragraph ``index`` (from 0) of an item following plan ``sha``."""
+    return json.dumps([item_id, sha, index])
 
 
 def _write_items(instructions: Sequence[Item], plans: Mapping[ItemId, dict]) -> list[Item]:
@@ -241,8 +268,8 @@ def check_files(input: str | os.PathLike, output_dir: str | os.PathLike) -> list
       InputError: a malformed input line; OutputFileError: a stage file that is not the runner's.
     """
     instructions = read_items(input, validate_instruction)
-    for stage in STAGES:
-        finished_rows(Path(output_dir) / f"{stage}.jsonl")
+    for name in (*STAGES, "paragraphs"):
+        finished_rows(Path(output_dir) / f"{name}.jsonl")
     return instructions
 
 
@@ -272,7 +299,8 @@ def agentwrite_pipeline(
     Args:
       input: JSONL of ``{"id"?, "instruction": str}`` (an id is derived from the line when
         missing: ``glmjax.pipelines.runner``).
-      output_dir: where ``plans.jsonl``, ``writes.jsonl`` and ``sft.jsonl`` go (created).
+      output_dir: where ``plans.jsonl``, ``writes.jsonl``, ``paragraphs.jsonl`` and ``sft.jsonl``
+        go (created).
       planner: writes the plans; writer: writes the paragraphs (may be the same client).
       concurrency: instructions worked on at once per stage (each instruction's paragraphs are
         written one after another: each needs the ones before it).
@@ -318,10 +346,17 @@ def agentwrite_pipeline(
         results["plans"] = run_stage("plans", instructions, job.plans, files["plans"],
                                      concurrency=concurrency, progress=progress).as_dict()
     plans = finished_rows(files["plans"])
+    files["paragraphs"] = str(out / "paragraphs.jsonl")
     if "writes" in stages:
-        results["writes"] = run_stage("writes", _write_items(instructions, plans), job.writes, files["writes"],
-                                      concurrency=concurrency, progress=progress).as_dict()
+        with JsonlAppender(files["paragraphs"], unique=False) as job.cache:
+            results["writes"] = run_stage("writes", _write_items(instructions, plans), job.writes,
+                                          files["writes"], concurrency=concurrency, progress=progress).as_dict()
+        job.cache = None
     writes = finished_rows(files["writes"])
+    if "writes" in stages:  # paragraphs of finished items are in writes.jsonl: drop them here
+        with JsonlAppender(files["paragraphs"], unique=False) as cache:
+            cached = list(cache.rows.values())
+        write_jsonl_atomic(files["paragraphs"], (row for row in cached if json.loads(row["id"])[0] not in writes))
     records = []
     for instruction in instructions:
         row = writes.get(instruction.id)
