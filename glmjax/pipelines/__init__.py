@@ -4,6 +4,8 @@
   row per finished item, resume, retries of failed items, concurrency, progress).
 * :mod:`glmjax.pipelines.t1_cot`: T1's SFT-initialisation data (attempts -> critiques -> one
   rewritten solution with trial and error and self-verification).
+* :mod:`glmjax.pipelines.agentwrite`: LongWriter's AgentWrite (plan -> paragraph-by-paragraph
+  writing -> ``{"messages": [user, assistant]}`` SFT records).
 
 Run them with ``python -m launch.pipeline NAME ...``.
 """
