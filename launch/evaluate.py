@@ -67,6 +67,7 @@ from glmjax.evals import longbench_v2 as lb2
 from glmjax.inference.engine import GenerationEngine
 from glmjax.inference.llm_client import LLMClient, LLMClientError, OpenAIHTTPClient, SamplingParams
 from glmjax.inference.local_client import LocalEngineClient
+from glmjax.models.attention import BACKENDS as ATTENTION_BACKENDS
 from glmjax.pipelines.runner import InputError, OutputFileError
 from launch import common
 
@@ -110,6 +111,12 @@ _SUMMARIZER_PROMPT_FILE = flags.DEFINE_string("summarizer_prompt_file", None, "P
 _CLIENT = flags.DEFINE_enum("client", None, ["local", "http"],
                             "longbench_*: local: the engine of --run_dir; http: an OpenAI-compatible --base_url.")
 _STEP = flags.DEFINE_integer("step", None, "--client=local: checkpoint step (default: the newest good one).")
+_ATTENTION_BACKEND = flags.DEFINE_enum(
+    "attention_backend", None, list(ATTENTION_BACKENDS), "--client=local: attention backend of the engine "
+    "(default: the run's); 'sample' runs SampleAttention in prefill, dense attention in decode.")
+_SAMPLE_ATTENTION_ALPHA = flags.DEFINE_float("sample_attention_alpha", None, "--client=local with "
+                                             "--attention_backend=sample: the cumulative-attention threshold "
+                                             "(default: the run's).")
 _BASE_URL = flags.DEFINE_string("base_url", None, "--client=http: API root, e.g. http://localhost:8000/v1.")
 _MODEL = flags.DEFINE_string("model", None, "--client=http: model name sent to --base_url.")
 _API_KEY_ENV = flags.DEFINE_string("api_key_env", None, "--client=http: environment variable holding the API key.")
@@ -227,7 +234,11 @@ def _client_under_test() -> tuple[LLMClient, str, Path | None]:
     if _CLIENT.value == "local":
         run_dir = _run_dir()
         tokenizer_dir = Path(_TOKENIZER_DIR.value or run_tokenizer_dir(run_dir))
-        engine = GenerationEngine(load_trained_model(run_dir, _STEP.value), max_batch_size=_BATCH_SIZE.value)
+        overrides = {name: value for name, value in (("attention_backend", _ATTENTION_BACKEND.value),
+                                                     ("sample_attention_alpha", _SAMPLE_ATTENTION_ALPHA.value))
+                     if value is not None}
+        engine = GenerationEngine(load_trained_model(run_dir, _STEP.value, **overrides),
+                                  max_batch_size=_BATCH_SIZE.value)
         return LocalEngineClient(engine, load_tokenizer(tokenizer_dir)), run_dir.name, tokenizer_dir
     _require(base_url=_BASE_URL.value, model=_MODEL.value)
     client = OpenAIHTTPClient(_BASE_URL.value, _MODEL.value, api_key_env=_API_KEY_ENV.value,
@@ -242,6 +253,8 @@ def _check_client_flags() -> None:
         _require(run_dir=_RUN_DIR.value)
     else:
         _require(base_url=_BASE_URL.value, model=_MODEL.value)
+        if _ATTENTION_BACKEND.value is not None or _SAMPLE_ATTENTION_ALPHA.value is not None:
+            raise UserError("--attention_backend and --sample_attention_alpha apply to --client=local only")
     if _CONCURRENCY.value < 1:
         raise UserError(f"--concurrency must be >= 1, got {_CONCURRENCY.value}")
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import glmjax
+from glmjax.data.chat_format import chat_format_for
 from glmjax.data.tokenizer import default_tokenizer, save_tokenizer
 from glmjax.evals import longbench_jobs as jobs
 from glmjax.evals import longbench_v2 as lb2
@@ -144,6 +145,8 @@ def test_longbench_write_cli_http_report_resume_and_retry(tmp_path):
     report = json.loads((out / "report.json").read_text())
     summary = report["summary"]
     assert summary == third["summary"] and report["unfinished"] == 0
+    # The finished items' calls (the fake server reports no token counts): 4 responses, 8 judgements.
+    assert report["usage"] == {"calls": 12, "prompt_tokens": 0, "completion_tokens": 0, "unreported": 12}
     mean_l, mean_q = sum(s_l) / 4, sum(s_q) / 4
     assert summary["overall"]["s_l"] == pytest.approx(mean_l)
     assert summary["overall"]["s_q"] == pytest.approx(mean_q)
@@ -265,6 +268,8 @@ def test_longbench_v2_cli_http_truncation_report_resume_and_cot(tmp_path):
     assert result["short"]["accuracy"] == 100.0 and result["medium"]["accuracy"] == 0.0
     assert result["long"]["accuracy"] == 0.0 and result["no_answer"] == 1
     assert first["truncation"] == {"budget": budget, "truncated": 1}
+    assert first["usage"] == second["usage"] == {"calls": 4, "prompt_tokens": 0, "completion_tokens": 0,
+                                                 "unreported": 4}
     assert second["result"] == result and second["stage"]["already_done"] == 4 and second["stage"]["finished"] == 0
     zero_requests, cot_requests = requests[:4], requests[4:]
     assert len(zero_requests) == 4  # the rerun called nothing
@@ -280,6 +285,7 @@ def test_longbench_v2_cli_http_truncation_report_resume_and_cot(tmp_path):
     assert json.loads((zero / "report.json").read_text())["result"] == result
     # CoT: two calls an item, the answer pass without the document; every answer right.
     assert third["result"]["overall"]["accuracy"] == 100.0 and third["truncation"] is None
+    assert third["usage"]["calls"] == 8
     assert len(cot_requests) == 8
     answer_passes = [r for r in cot_requests if "Step-by-step reasoning about" in r.body["messages"][0]["content"]]
     assert len(answer_passes) == 4 and not any("[doc " in r.body["messages"][0]["content"] for r in answer_passes)
@@ -338,6 +344,8 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
         (["longbench_v2", f"--data={broken}", out, *http], "item 2"),
         (["longbench_v2", f"--data={data}", out, *http, "--mode=rag"], "item _id q1 has no 'retrieved_context'"),
         (["longbench_v2", f"--data={data}", out, "--client=local"], "this evaluation needs --run_dir"),
+        (["longbench_v2", f"--data={data}", out, *http, "--attention_backend=sample"],
+         "--attention_backend and --sample_attention_alpha apply to --client=local only"),
     ]
     codes, _, stderr = _evaluate([args for args, _ in cases])
     assert codes == [2] * len(cases)
@@ -389,12 +397,21 @@ def test_local_engine_writes_and_answers(tmp_path):
              f"--run_dir={run}", f"--judge_base_url={server.base_url}", "--judge_model=judge",
              "--max_new_tokens=8", "--concurrency=2", "--noprogress"],
             ["longbench_v2", f"--data={data}", f"--output_dir={tmp_path / 'v'}", "--client=local",
-             f"--run_dir={run}", "--mode=zero_shot", "--budget=96", "--max_new_tokens=4", "--noprogress"],
+             f"--run_dir={run}", "--mode=zero_shot", "--budget=96", "--max_new_tokens=4", "--noprogress",
+             "--attention_backend=sample", "--sample_attention_alpha=0.9"],
         ], timeout=600)
         judged = len(server.requests)
     assert codes == [0, 0], stderr[-3000:]
     write, v2 = (json.loads(line) for line in lines)
     assert write["scored"] == 4 and judged == 4
+    # Token counts: the engine's for the 4 responses (at most 8 new tokens each), none from the judge.
+    usage = write["usage"]
+    assert (usage["calls"], usage["unreported"]) == (8, 4) and usage["prompt_tokens"] > 0
+    assert 4 <= usage["completion_tokens"] <= 32
+    assert v2["usage"]["calls"] == 4 and v2["usage"]["unreported"] == 0
+    assert v2["usage"]["prompt_tokens"] == sum(
+        len(chat_format_for(tokenizer).prompt_ids([{"role": "user", "content": lb2.truncate_prompt(
+            lb2.build_prompt(item, "zero_shot"), tokenizer, 96)}])) for item in lb2.load_items(data))
     assert write["summary"]["overall"]["s_q"] == pytest.approx(25.0)
     for row in _rows(tmp_path / "w" / "scores.jsonl"):  # the length score of what the model wrote
         assert row["words"] == jobs.lbw.count_words(row["response"])

@@ -30,13 +30,13 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from glmjax.evals import longbench_v2 as lb2
 from glmjax.evals import longbench_write as lbw
-from glmjax.inference.llm_client import LLMClient, SamplingParams
+from glmjax.inference.llm_client import LLMClient, SamplingParams, TokenUsage
 from glmjax.pipelines.runner import Item, derive_id, finished_rows, run_stage
 
 WRITE_STAGES = ("responses", "scores")
@@ -63,6 +63,22 @@ def _user(content: str) -> list[dict[str, str]]:
 
 def _write_files(output_dir: Path) -> dict[str, str]:
     return {stage: str(output_dir / f"{stage}.jsonl") for stage in WRITE_STAGES}
+
+
+def total_usage(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """The summed ``usage`` (``calls``, ``prompt_tokens``, ``completion_tokens``, ``unreported``) of
+    stage rows: what every finished item cost over all runs (a row without LLM calls has none)."""
+    total = TokenUsage()
+    for row in rows:
+        if "usage" in row:
+            total = total + TokenUsage(**row["usage"])
+    return total.to_json()
+
+
+def _usage_line(usage: Mapping[str, int]) -> str:
+    unreported = f" ({usage['unreported']} without a count from the server)" if usage["unreported"] else ""
+    return (f"Tokens of the finished items: {usage['prompt_tokens']} prompt, {usage['completion_tokens']} "
+            f"completion, over {usage['calls']} calls{unreported}.\n")
 
 
 def _write_report(output_dir: Path, report: Mapping[str, Any], markdown: str) -> dict[str, str]:
@@ -137,7 +153,8 @@ def longbench_write_job(
     Returns:
       The report written to ``report.json``: ``benchmark``, ``items`` (in the file), ``scored``,
       ``unfinished`` (items without a score row yet), ``failed`` (item failures this run),
-      ``summary`` (:func:`~glmjax.evals.longbench_write.summarize`), ``stages`` (each
+      ``summary`` (:func:`~glmjax.evals.longbench_write.summarize`), ``usage`` (:func:`total_usage`
+      of both stages' finished rows), ``stages`` (each
       ``StageResult.as_dict()``) and ``files``.
 
     Raises:
@@ -172,15 +189,16 @@ def longbench_write_job(
     scores = finished_rows(files["scores"])
     rows = [scores[item.id] for item in items if item.id in scores]
     summary = lbw.summarize(rows)
+    usage = total_usage([*(responses[item.id] for item in items if item.id in responses), *rows])
     report = {"benchmark": "longbench_write", "items": len(items), "scored": len(rows),
               "unfinished": len(items) - len(rows),
               "failed": sum(stage["failed"] for stage in stages.values()),
-              "summary": summary, "stages": stages, "files": files}
+              "summary": summary, "usage": usage, "stages": stages, "files": files}
     unfinished = "" if not report["unfinished"] else (
         f"\n{report['unfinished']} of {len(items)} items are not scored yet (failed items are listed in "
         "the stages' *.errors.jsonl); rerun the same command to finish them.\n")
     markdown = (f"# LongBench-Write\n\n{len(rows)} of {len(items)} items scored.\n\n"
-                + lbw.render_markdown(summary) + unfinished)
+                + lbw.render_markdown(summary) + "\n" + _usage_line(usage) + unfinished)
     files.update(_write_report(out, report, markdown))
     return report
 
@@ -272,7 +290,7 @@ def longbench_v2_job(
       The report written to ``report.json``: ``benchmark``, ``mode``, ``items``, ``scored``,
       ``unfinished``, ``failed`` (this run), ``truncation`` (``{"budget", "truncated"}``, or None
       without a tokenizer), ``result`` (:func:`~glmjax.evals.longbench_v2.score` of the finished
-      items), ``stage`` and ``files``.
+      items), ``usage`` (:func:`total_usage` of the finished rows), ``stage`` and ``files``.
     """
     items = check_v2_files(data_path, output_dir, mode)
     out = Path(output_dir)
@@ -299,15 +317,16 @@ def longbench_v2_job(
     rows = finished_rows(files[V2_STAGE])
     scored = [item for item in items if item.id in rows]
     result = lb2.score(scored, {item.id: rows[item.id]["prediction"] for item in scored})
+    usage = total_usage(rows[item.id] for item in scored)
     report = {"benchmark": "longbench_v2", "mode": mode, "items": len(items), "scored": len(scored),
               "unfinished": len(items) - len(scored), "failed": stage["failed"],
               "truncation": None if tokenizer is None else {
                   "budget": budget, "truncated": sum(bool(rows[item.id]["truncated"]) for item in scored)},
-              "result": result, "stage": stage, "files": files}
+              "result": result, "usage": usage, "stage": stage, "files": files}
     unfinished = "" if not report["unfinished"] else (
         f"\n{report['unfinished']} of {len(items)} items are not answered yet (failures in "
         "predictions.errors.jsonl); rerun the same command to finish them.\n")
     markdown = (f"# LongBench v2 ({mode})\n\n{len(scored)} of {len(items)} items scored; accuracy in %.\n\n"
-                + lb2.markdown_table(result, name=name) + "\n" + unfinished)
+                + lb2.markdown_table(result, name=name) + "\n\n" + _usage_line(usage) + unfinished)
     files.update(_write_report(out, report, markdown))
     return report
