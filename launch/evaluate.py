@@ -36,7 +36,8 @@ with the tokenizer of ``--tokenizer_dir`` (default with ``--client=local``: the 
   python -m launch.evaluate longbench_v2 --data=data.json --output_dir=out/lbv2_cot --mode=cot \
       --client=local --run_dir=runs/long/sft
 
-The model under test is ``--client=local`` (the engine of ``--run_dir``, checkpoint ``--step``) or
+The model under test is ``--client=local`` (the engine of ``--run_dir``, checkpoint ``--step``;
+``--attention_backend=sample`` prefills with SampleAttention) or
 ``--client=http`` (``--base_url``, ``--model``: any OpenAI-compatible endpoint, ``launch.serve``
 included). Both are resumable: rerunning the same command skips finished items and retries failed
 ones (failures in ``OUTPUT_DIR/*.errors.jsonl``); the exit status is 1 while items are unfinished.
