@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 
 import gin
 import numpy as np
@@ -15,14 +14,7 @@ import pytest
 import glmjax
 from glmjax.data.factories import lm_data
 from glmjax.data.tokenizer import default_tokenizer
-from glmjax.inference.llm_client import (
-    AssistantTurn,
-    LLMClient,
-    LLMClientError,
-    Reply,
-    SamplingParams,
-    item_sampling,
-)
+from glmjax.inference.llm_client import LLMClientError
 from glmjax.pipelines import agentwrite
 from glmjax.pipelines.agentwrite import (
     PlanError,
@@ -34,6 +26,7 @@ from glmjax.pipelines.agentwrite import (
 )
 from glmjax.pipelines.runner import InputError
 from glmjax.pipelines.t1_cot import PromptError, item_seed
+from scripted_clients import ScriptedClient
 from fake_openai_server import Behaviour, FakeOpenAIServer
 
 REPO = os.path.dirname(os.path.dirname(glmjax.__file__))
@@ -60,34 +53,6 @@ PLANS = {  # what the scripted planner answers, by id: markdown, a preamble, odd
 STEPS = {"story": [PlanStep("The keeper and [his lamp]", 400), PlanStep("A storm arrives", 1000),
                    PlanStep("Dawn", 250)],
          "essay": [PlanStep("What tides are", 200), PlanStep("Why the moon matters", 400)]}
-
-
-class ScriptedClient(LLMClient):
-    """A deterministic client: ``reply(prompt_text, sampling)`` answers each conversation; every
-    call is logged as (prompt text, sampling)."""
-
-    def __init__(self, reply):
-        self.reply = reply
-        self.calls = []
-        self._lock = threading.Lock()
-
-    def complete(self, messages, sampling=None):
-        return self.complete_batch([messages], sampling)[0]
-
-    def complete_batch(self, conversations, sampling=None):
-        sampling = sampling or SamplingParams()
-        replies = []
-        for index, messages in enumerate(conversations):
-            assert [m["role"] for m in messages] == ["user"]
-            params = item_sampling(sampling, index)
-            with self._lock:
-                self.calls.append((messages[0]["content"], params))
-            replies.append(self.reply(messages[0]["content"], params))
-        return replies
-
-    def assistant_turns(self, conversations, sampling=None, tools=None):
-        return [AssistantTurn(text, [], [], "stop", Reply(text))
-                for text in self.complete_batch(conversations, sampling)]
 
 
 def _id_of(prompt):

@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 
 import gin
 import numpy as np
@@ -18,14 +17,7 @@ import glmjax
 from glmjax.data.factories import lm_data
 from glmjax.data.synthetic import generate_problems
 from glmjax.data.tokenizer import default_tokenizer, save_tokenizer
-from glmjax.inference.llm_client import (
-    AssistantTurn,
-    LLMClient,
-    LLMClientError,
-    Reply,
-    SamplingParams,
-    item_sampling,
-)
+from glmjax.inference.llm_client import LLMClientError
 from glmjax.models import create_model, preset
 from glmjax.pipelines import t1_cot
 from glmjax.pipelines.runner import InputError
@@ -33,6 +25,7 @@ from glmjax.pipelines.t1_cot import PromptError, item_seed, t1_cot_pipeline, wri
 from glmjax.training.checkpointing import Checkpointer
 from glmjax.training.run_config import record_run_config
 from glmjax.training.state import fresh_train_state
+from scripted_clients import ScriptedClient
 from fake_openai_server import FakeOpenAIServer, Behaviour
 
 REPO = os.path.dirname(os.path.dirname(glmjax.__file__))
@@ -50,34 +43,6 @@ def boxed_checker(text, gold):
     """Exact match of the last \\boxed{} (the tests' checker: no math-verify processes)."""
     found = BOXED.findall(text)
     return bool(found) and found[-1].strip() == gold
-
-
-class ScriptedClient(LLMClient):
-    """A deterministic client: ``reply(prompt_text, sampling)`` answers each conversation; every
-    call is logged as (prompt text, sampling)."""
-
-    def __init__(self, reply):
-        self.reply = reply
-        self.calls = []
-        self._lock = threading.Lock()
-
-    def complete(self, messages, sampling=None):
-        return self.complete_batch([messages], sampling)[0]
-
-    def complete_batch(self, conversations, sampling=None):
-        sampling = sampling or SamplingParams()
-        replies = []
-        for index, messages in enumerate(conversations):
-            assert [m["role"] for m in messages] == ["user"]
-            params = item_sampling(sampling, index)
-            with self._lock:
-                self.calls.append((messages[0]["content"], params))
-            replies.append(self.reply(messages[0]["content"], params))
-        return replies
-
-    def assistant_turns(self, conversations, sampling=None, tools=None):
-        return [AssistantTurn(text, [], [], "stop", Reply(text))
-                for text in self.complete_batch(conversations, sampling)]
 
 
 def _problem_of(prompt):
