@@ -183,8 +183,12 @@ def _run() -> int:
     sampling = SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value)
     if _TOPOLOGY.value is not None:
         shape = [int(s) for s in _MESH_SHAPE.value] if _MESH_SHAPE.value is not None else [1, -1, 1, 1]
+        try:
+            mesh = hardware.tpu_topology_mesh(_TOPOLOGY.value, shape)
+        except RuntimeError as err:  # libtpu missing, or a topology it rejects: the message says which
+            raise UserError(str(err)) from None
         with jax.default_matmul_precision("default"):
-            report = compile_report(_config_for_compile(), hardware.tpu_topology_mesh(_TOPOLOGY.value, shape),
+            report = compile_report(_config_for_compile(), mesh,
                                     _BATCH_SIZE.value, _PROMPT_LEN.value, _MAX_NEW_TOKENS.value, sampling,
                                     _PREFILL_CHUNK.value)
         print(json.dumps({"topology": _TOPOLOGY.value, **report}))

@@ -16,6 +16,7 @@ from glmjax.evals import longbench_jobs as jobs
 from glmjax.evals import longbench_v2 as lb2
 from glmjax.inference.llm_client import LLMClient, LLMClientError
 from fake_openai_server import Behaviour, FakeOpenAIServer
+from training_helpers import tiny_run_dir
 
 REPO = os.path.dirname(os.path.dirname(glmjax.__file__))
 
@@ -359,35 +360,11 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
 
 # -- the local engine of a tiny random run --------------------------------------------------------
 
-def _tiny_run_dir(root):
-    """What launch.train leaves in MODEL_DIR: model_config.json, a checkpoint, the tokenizer."""
-    import optax
-    from flax import nnx
-
-    from glmjax.models import create_model, preset
-    from glmjax.training.checkpointing import Checkpointer
-    from glmjax.training.run_config import record_run_config
-    from glmjax.training.state import fresh_train_state
-
-    tokenizer = default_tokenizer(root / "tokenizers")
-    config = preset("glm4-tiny").replace(hidden_size=64, intermediate_size=128, num_heads=2, num_kv_heads=1,
-                                         head_dim=32, max_position_embeddings=2048)
-    model = create_model(config, seed=0)
-    run = root / "run"
-    record_run_config(str(run), model.config)
-    checkpointer = Checkpointer(str(run / "checkpoints"))
-    checkpointer.save(fresh_train_state(model.config, optax.adamw(1e-3), 0,
-                                        nnx.to_pure_dict(nnx.state(model, nnx.Param))), step=1)
-    checkpointer.close()
-    save_tokenizer(tokenizer, run / "tokenizer")
-    return run, tokenizer
-
-
 @pytest.mark.slow
 def test_local_engine_writes_and_answers(tmp_path):
     """--client=local: the tiny run writes (judged by the fake server) and answers LongBench v2 with
     its own tokenizer cutting every prompt to --budget."""
-    run, tokenizer = _tiny_run_dir(tmp_path)
+    run, tokenizer = tiny_run_dir(tmp_path)
     prompts = _write_prompts(tmp_path / "prompts.jsonl")
     data = _v2_data(tmp_path / "data.json", long_context="filler words " * 100)
     judge_json = json.dumps(dict.fromkeys(TITLES, 2))

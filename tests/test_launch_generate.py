@@ -239,3 +239,18 @@ def test_compile_only_reports_memory_per_device_without_weights(tmp_path):
     all_param_bytes = 4 * report["parameters"]
     assert all_param_bytes / 4 <= report["argument_bytes_per_device"] < all_param_bytes
     assert report["temp_bytes_per_device"] > 0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--topology=v9z:2x2"], "'v9z:2x2'"),              # a topology libtpu rejects (or no libtpu)
+    (["--topology=v5e:2x2", "--mesh_shape=1,8,1,1"], "'v5e:2x2' (4 devices)"),
+    (["--prefill_chunk=0"], "prefill_chunk must be a positive number of tokens"),
+])
+def test_compile_only_bad_flags_are_one_line_errors(flags, message):
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "launch.generate", "--compile_only", "--preset=glm4-tiny",
+               "--batch_size=1", "--prompt_len=16", "--max_new_tokens=4", *flags]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(glmjax.__file__)))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and message in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]

@@ -9,23 +9,18 @@ import sys
 
 import gin
 import numpy as np
-import optax
 import pytest
-from flax import nnx
 
 import glmjax
 from glmjax.data.factories import lm_data
 from glmjax.data.synthetic import generate_problems
-from glmjax.data.tokenizer import default_tokenizer, save_tokenizer
+from glmjax.data.tokenizer import default_tokenizer
 from glmjax.inference.llm_client import LLMClientError
-from glmjax.models import create_model, preset
 from glmjax.pipelines import t1_cot
 from glmjax.pipelines.runner import InputError
 from glmjax.pipelines.t1_cot import PromptError, item_seed, t1_cot_pipeline, write_builtin_problems
-from glmjax.training.checkpointing import Checkpointer
-from glmjax.training.run_config import record_run_config
-from glmjax.training.state import fresh_train_state
 from scripted_clients import ScriptedClient
+from training_helpers import tiny_run_dir
 from fake_openai_server import FakeOpenAIServer, Behaviour
 
 REPO = os.path.dirname(os.path.dirname(glmjax.__file__))
@@ -408,25 +403,9 @@ def test_cli_http_fake_server_records_and_resume(tmp_path):
             (0, True), (0, True), (1, False), (1, False)]
 
 
-def _tiny_run_dir(root):
-    """What launch.train leaves in MODEL_DIR: model_config.json, a checkpoint, the tokenizer."""
-    tokenizer = default_tokenizer(root / "tokenizers")
-    config = preset("glm4-tiny").replace(hidden_size=64, intermediate_size=128, num_heads=2, num_kv_heads=1,
-                                         head_dim=32, max_position_embeddings=2048)
-    model = create_model(config, seed=0)
-    run = root / "run"
-    record_run_config(str(run), model.config)
-    checkpointer = Checkpointer(str(run / "checkpoints"))
-    checkpointer.save(fresh_train_state(model.config, optax.adamw(1e-3), 0,
-                                        nnx.to_pure_dict(nnx.state(model, nnx.Param))), step=1)
-    checkpointer.close()
-    save_tokenizer(tokenizer, run / "tokenizer")
-    return run
-
-
 @pytest.mark.slow
 def test_cli_local_engine_on_the_builtin_task(tmp_path):
-    run = _tiny_run_dir(tmp_path)
+    run, _ = tiny_run_dir(tmp_path)
     problems = tmp_path / "problems.jsonl"
     done = _launch("builtin_problems", f"--output={problems}", "--num_problems=3")
     assert done.returncode == 0, done.stderr[-2000:]

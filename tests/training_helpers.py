@@ -82,3 +82,29 @@ def metric_rows(model_dir) -> list[dict]:
 
 def losses_by_step(model_dir) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in metric_rows(model_dir) if row["step"] > 0}
+
+
+def tiny_run_dir(root):
+    """What launch.train leaves in MODEL_DIR for a tiny random GLM-4 (``model_config.json``, a
+    step-1 checkpoint, the tokenizer), under ``root / "run"``; returns (run dir, tokenizer)."""
+    import optax
+    from flax import nnx
+
+    from glmjax.data.tokenizer import default_tokenizer, save_tokenizer
+    from glmjax.models import create_model
+    from glmjax.training.checkpointing import Checkpointer
+    from glmjax.training.run_config import record_run_config
+    from glmjax.training.state import fresh_train_state
+
+    tokenizer = default_tokenizer(root / "tokenizers")
+    config = preset("glm4-tiny").replace(hidden_size=64, intermediate_size=128, num_heads=2, num_kv_heads=1,
+                                         head_dim=32, max_position_embeddings=2048)
+    model = create_model(config, seed=0)
+    run = root / "run"
+    record_run_config(str(run), model.config)
+    checkpointer = Checkpointer(str(run / "checkpoints"))
+    checkpointer.save(fresh_train_state(model.config, optax.adamw(1e-3), 0,
+                                        nnx.to_pure_dict(nnx.state(model, nnx.Param))), step=1)
+    checkpointer.close()
+    save_tokenizer(tokenizer, run / "tokenizer")
+    return run, tokenizer
