@@ -12,14 +12,20 @@ its parsed JSON body::
         ...
         assert len(server.requests) == 5
         assert server.requests[2].body["tools"] == ...
+
+``POST /v1/embeddings`` answers ``{"input": [texts]}`` with one vector per text from the server's
+``embed`` function (by default :func:`hashed_bag_of_words`: texts sharing words get similar
+vectors); its own script (:meth:`FakeOpenAIServer.script_embeddings`) can make a request fail.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import http.server
 import json
+import re
 import threading
 import time
 from typing import Any, Callable, Mapping
@@ -104,6 +110,15 @@ def echo_reply(request: Mapping[str, Any]) -> str:
     return "echo: " + str(request["messages"][-1]["content"])
 
 
+def hashed_bag_of_words(text: str, dim: int = 64) -> list[float]:
+    """A deterministic embedding: the counts of ``text``'s lower-cased words (and CJK characters),
+    each hashed (SHA-256) to one of ``dim`` dimensions."""
+    vector = [0.0] * dim
+    for word in re.findall(r"[\u4e00-\u9fff]|[^\W_]+", text.lower()):
+        vector[int.from_bytes(hashlib.sha256(word.encode()).digest()[:4], "big") % dim] += 1.0
+    return vector
+
+
 class FakeOpenAIServer:
     """Threaded HTTP server answering chat completions as scripted (see module doc).
 
@@ -111,8 +126,11 @@ class FakeOpenAIServer:
       reply: maps the request JSON to the completion text of normal replies.
     """
 
-    def __init__(self, reply: Callable[[Mapping[str, Any]], str] = echo_reply) -> None:
+    def __init__(self, reply: Callable[[Mapping[str, Any]], str] = echo_reply,
+                 embed: Callable[[str], list[float]] = hashed_bag_of_words) -> None:
         self.reply = reply
+        self.embed = embed
+        self._embeddings_script: collections.deque[Behaviour] = collections.deque()
         self.requests: list[RecordedRequest] = []
         self.max_in_flight = 0
         self._in_flight = 0
@@ -134,6 +152,22 @@ class FakeOpenAIServer:
         """Queue behaviours for the next requests, in order."""
         with self._lock:
             self._script.extend(behaviours)
+
+    def script_embeddings(self, *behaviours: Behaviour) -> None:
+        """Queue behaviours for the next ``/v1/embeddings`` requests (a normal reply once used up;
+        ``Behaviour.slow``, ``.error``, ``.malformed`` and ``.rate_limited`` apply as for chat)."""
+        with self._lock:
+            self._embeddings_script.extend(behaviours)
+
+    def _embeddings(self, request: Any) -> str:
+        texts = request["input"] if isinstance(request.get("input"), list) else [request["input"]]
+        return json.dumps({
+            "object": "list", "model": request.get("model"),
+            "data": [{"object": "embedding", "index": i, "embedding": self.embed(text)}
+                     for i, text in enumerate(texts)],
+            "usage": {"prompt_tokens": sum(len(text.split()) for text in texts),
+                      "total_tokens": sum(len(text.split()) for text in texts)},
+        })
 
     def start(self) -> FakeOpenAIServer:
         self._thread.start()
@@ -186,6 +220,9 @@ class FakeOpenAIServer:
                 except ValueError:
                     body = raw.decode("utf-8", "replace")
                 request = RecordedRequest(self.path, dict(self.headers), body, time.monotonic())
+                if self.path == "/v1/embeddings":
+                    self._answer_embeddings(request)
+                    return
                 if self.path != "/v1/chat/completions":
                     self._send(404, json.dumps({"error": {"message": f"no route {self.path}"}}))
                     return
@@ -203,6 +240,22 @@ class FakeOpenAIServer:
                     self._send(behaviour.status, text, behaviour.headers)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # The client gave up (timeout); nothing to answer.
+
+            def _answer_embeddings(self, request: RecordedRequest) -> None:
+                with server._lock:
+                    server.requests.append(request)
+                    behaviour = (server._embeddings_script.popleft() if server._embeddings_script
+                                 else Behaviour.normal())
+                if behaviour.delay_s and server._stopping.wait(behaviour.delay_s):
+                    return
+                try:
+                    text = behaviour.body if behaviour.body is not None else server._embeddings(request.body)
+                except (KeyError, TypeError, AttributeError) as err:
+                    behaviour, text = Behaviour(status=400), json.dumps({"error": {"message": f"bad request: {err!r}"}})
+                try:
+                    self._send(behaviour.status, text, behaviour.headers)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
 
             def _send(self, status: int, text: str,
                       headers: Mapping[str, str] | None = None) -> None:

@@ -7,7 +7,8 @@ it read as ``【{id}†{text}】``, ``id`` being the result id the browser showe
 
 Backends (:class:`SearchBackend`):
 
-* :class:`LocalDocumentIndex` (the default): BM25 (the ``bm25s`` library) over text files the user
+* :class:`LocalDocumentIndex` (the default): BM25 (``glmjax.pipelines.retrieval.BM25Retriever``,
+  on the ``bm25s`` library) over text files the user
   points at (files or directories; ``.txt``, ``.md``, ``.html``, ... ); ``recency_days`` filters
   by modification time; ``open_url`` opens indexed documents only (their ``file://`` URLs), never
   other files.
@@ -39,6 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from glmjax.inference.tools import ToolRegistry
+from glmjax.pipelines.retrieval import BM25Retriever, lexical_terms
 
 DEFAULT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".html", ".htm", ".json", ".jsonl", ".csv",
                     ".tex", ".py")
@@ -192,15 +194,7 @@ class LocalDocumentIndex:
         if not self._documents:
             raise ValueError(f"no documents to index under {', '.join(map(str, paths)) or 'nothing'}")
         self._by_url = {document.url: document for document in self._documents}
-        corpus = [f"{document.title}\n{document.text}" for document in self._documents]
-        # Imported here, not with this module: importing bm25s runs a JAX op (its top-k probe),
-        # which would initialize JAX's backends before a program can configure them.
-        import bm25s
-
-        self._bm25s = bm25s
-        self._retriever = bm25s.BM25()
-        self._retriever.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False),
-                              show_progress=False)
+        self._retriever = BM25Retriever([f"{document.title}\n{document.text}" for document in self._documents])
 
     @staticmethod
     def _read(path: Path) -> _Document:
@@ -221,15 +215,10 @@ class LocalDocumentIndex:
         if recency_days is not None and recency_days > 0:
             cutoff = time.time() - recency_days * 86400
             mask = np.asarray([document.mtime >= cutoff for document in self._documents], np.float32)
-        tokens = self._bm25s.tokenize([query], stopwords="en", show_progress=False, return_ids=False)
-        k = min(limit, len(self._documents))
-        if k < 1 or not tokens[0]:
-            return []
-        found, scores = self._retriever.retrieve(tokens, k=k, show_progress=False, weight_mask=mask)
-        terms = set(tokens[0])
+        found = self._retriever.search(query, limit, weights=mask)
+        terms = set(lexical_terms(query))
         return [SearchResult(self._documents[i].title, self._documents[i].url,
-                             _snippet(self._documents[i].text, terms))
-                for i, score in zip(found[0].tolist(), scores[0].tolist()) if score > 0]
+                             _snippet(self._documents[i].text, terms)) for i in found]
 
     def open(self, url: str) -> Page:
         """An indexed document by its ``file://`` URL; any other URL is refused."""
