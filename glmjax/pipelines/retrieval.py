@@ -10,9 +10,9 @@
   (Han, kana, hangul) is one token, each run of other letters/digits is one, and every other
   non-space character (punctuation, symbols) is one -- about one token per English word, close to
   how BPE tokenizers count Chinese.
-* **Sentences of chunks** (:func:`sentence_spans`, :func:`sentences_of_chunks`): where the context's
-  sentences (``glmjax.evals.longcite.split_sentences``) lie, and which sentences each chunk
-  overlaps, so that a chunk-level citation can be refined to sentences (CoF stage 3).
+* **Sentences of chunks** (:func:`sentences_of_chunks`): which of the context's sentences
+  (their spans: ``glmjax.evals.longcite.sentence_spans``) each chunk overlaps, so that a
+  chunk-level citation can be refined to sentences (CoF stage 3).
 * **Retrievers**: :class:`BM25Retriever` (lexical, the ``bm25s`` library; the default) and
   :class:`EmbeddingRetriever` (cosine similarity of embeddings from any embedder: an
   ``/v1/embeddings`` endpoint, ``glmjax.inference.embeddings_client``, or the local
@@ -94,27 +94,6 @@ def chunk_text(text: str, chunk_tokens: int = 128, tokenizer: Any | None = None)
     """``text`` cut into chunks of about ``chunk_tokens`` tokens (:func:`chunk_spans`); joined, the
     chunks are ``text``."""
     return [text[start:end] for start, end in chunk_spans(text, chunk_tokens, tokenizer)]
-
-
-def sentence_spans(text: str, sentences: Sequence[str]) -> list[Span]:
-    """Where each of ``sentences`` (pieces of ``text`` in order, e.g. stripped) lies in ``text``.
-
-    Sentence ``i`` spans from where it starts to where sentence ``i + 1`` starts (the last one to
-    the end of ``text``), so trailing whitespace stays with it and the spans cover ``text`` from
-    the first sentence on (LongCite's convention for the numbered context).
-
-    Raises:
-      RetrievalError: a sentence that does not occur in ``text`` after the previous one.
-    """
-    starts, position = [], 0
-    for index, sentence in enumerate(sentences):
-        start = text.find(sentence, position)
-        if start < 0 or not sentence:
-            raise RetrievalError(f"sentence {index} ({sentence[:60]!r}) is not in the text after "
-                                 f"sentence {index - 1}")
-        starts.append(start)
-        position = start + len(sentence)
-    return list(zip(starts, [*starts[1:], len(text)]))
 
 
 def sentences_of_chunks(chunks: Sequence[Span], sentences: Sequence[Span]) -> list[list[int]]:
