@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tokenize
 
@@ -65,6 +66,9 @@ class GinConfigError(ValueError):
     """A gin file or binding that does not parse (the message names the file and line, or the binding)."""
 
 
+_UNSET_MACRO = re.compile(r"No bindings specified for '([^'/]+)/gin\.macro'")
+
+
 def _one_line(err: BaseException) -> str:
     if isinstance(err, tokenize.TokenError) and len(err.args) == 2:
         message, (line, _) = err.args
@@ -89,7 +93,14 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
             gin.parse_config(binding)
         except Exception as err:
             raise GinConfigError(f"binding {binding!r}: {_one_line(err)}") from err
-    gin.finalize()
+    try:
+        gin.finalize()  # checks that every %MACRO used is bound
+    except ValueError as err:
+        unset = _UNSET_MACRO.match(str(err))
+        if unset is None:
+            raise GinConfigError(_one_line(err)) from err
+        raise GinConfigError(f"macro {unset.group(1)} is used but not set: bind it in a gin file or "
+                             f"give --gin.{unset.group(1)}=VALUE") from err
 
 
 def _fail(message: str) -> int:
