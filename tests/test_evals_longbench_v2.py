@@ -140,6 +140,41 @@ def test_retrieved_chunks_take_top_k_then_document_order():
         lb.retrieved_chunks(_items()[1])
 
 
+def _document_item() -> lb.LongBenchV2Item:
+    """A context of 6 chunks of 8 words (the retrieval module's word count); chunk 4 alone names
+    the lighthouse the question asks about, chunk 1 the keeper."""
+    chunks = ["the harbour was quiet all winter that year ", "an old keeper kept the lamp burning nightly ",
+              "ships passed far out on the grey water ", "gulls nested on the cliffs above the bay ",
+              "the lighthouse at Brennock stood on black rock ", "a road ran inland past farms and churches "]
+    assert all(len(chunk.split()) == 8 for chunk in chunks)
+    return lb.parse_item({**_row(0), "question": "Where did the lighthouse stand?", "choice_A": "On black rock",
+                          "choice_B": "In a field", "choice_C": "On a pier", "choice_D": "On sand",
+                          "context": "".join(chunks)}, "x")
+
+
+def test_retrieve_context_cuts_the_document_and_ranks_its_chunks():
+    from glmjax.pipelines.retrieval import BM25Retriever
+    item = _document_item()
+    assert lb.retrieval_query(item) == "Where did the lighthouse stand?\nOn black rock\nIn a field\nOn a pier\nOn sand"
+    found = lb.retrieve_context(item, BM25Retriever, chunk_tokens=8, top_k=2)
+    assert found.retrieved == ((4, "the lighthouse at Brennock stood on black rock "),)  # the one that matches
+    assert (found.question, found.context, found.answer) == (item.question, item.context, item.answer)
+    grey = lb.parse_item({**_row(0), "question": "What was grey, the water or the rock?",
+                          "context": item.context}, "x")
+    assert [index for index, _ in lb.retrieve_context(grey, BM25Retriever, chunk_tokens=8).retrieved] == [2, 4]
+    # A dense retriever (any chunks -> retriever callable) ranks by its own similarities.
+    from glmjax.pipelines.retrieval import EmbeddingRetriever
+    embed = lambda texts: [[float("keeper" in t), 1.0] for t in texts]  # noqa: E731
+    dense = lb.retrieve_context(item, lambda chunks: EmbeddingRetriever(chunks, embed), chunk_tokens=8, top_k=1)
+    assert dense.retrieved == ((0, "the harbour was quiet all winter that year "),)  # a tie: first chunk
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        lb.retrieve_context(item, BM25Retriever, top_k=0)
+    with pytest.raises(ValueError, match="item id0: an empty context"):
+        lb.retrieve_context(lb.parse_item({**_row(0), "context": "  "}, "x"), BM25Retriever)
+    with pytest.raises(ValueError, match="item id0: no chunk of the context matches"):
+        lb.retrieve_context(lb.parse_item({**_row(0), "context": "zzz qqq"}, "x"), BM25Retriever)
+
+
 # ----------------------------------------------------------------------------------- truncation
 
 def test_truncate_middle():

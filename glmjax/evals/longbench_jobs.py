@@ -15,6 +15,8 @@ and then write a report (``report.json`` and ``report.md``) over the rows finish
 * :func:`longbench_v2_job` (``glmjax.evals.longbench_v2``): stage ``predictions`` runs
   :func:`~glmjax.evals.longbench_v2.evaluate` on each one-item list (``predictions.jsonl``, id =
   the item's ``_id``); the report is :func:`~glmjax.evals.longbench_v2.score` of the finished rows.
+  The ``"rag"`` mode shows the data's ``retrieved_context``, or, with a ``retriever``, chunks of
+  each item's own context that it retrieves (:func:`~glmjax.evals.longbench_v2.retrieve_context`).
 
 A call that fails (the client's retries spent, or a LongBench v2 row whose ``error`` is set) is an
 item failure: recorded in the stage's ``*.errors.jsonl``, no row written, retried on the next run.
@@ -30,13 +32,14 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from glmjax.evals import longbench_v2 as lb2
 from glmjax.evals import longbench_write as lbw
 from glmjax.inference.llm_client import LLMClient, SamplingParams, TokenUsage
+from glmjax.pipelines.retrieval import Retriever
 from glmjax.pipelines.runner import Item, derive_id, finished_rows, run_stage
 
 WRITE_STAGES = ("responses", "scores")
@@ -217,9 +220,9 @@ def _check_scores_match(scores: Mapping[Any, Mapping[str, Any]], responses: Mapp
 
 
 def check_v2_files(data_path: str | os.PathLike, output_dir: str | os.PathLike,
-                   mode: str) -> list[lb2.LongBenchV2Item]:
-    """The items of a LongBench v2 data file, after checking it (and, for ``"rag"``, that every
-    item has retrieved chunks) and the stage file already in ``output_dir``.
+                   mode: str, *, retrieves: bool = False) -> list[lb2.LongBenchV2Item]:
+    """The items of a LongBench v2 data file, after checking it (and, for ``"rag"`` without
+    ``retrieves``, that every item has retrieved chunks) and the stage file already in ``output_dir``.
 
     Raises:
       LongBenchV2FormatError: a malformed data file, or an item without ``retrieved_context`` in
@@ -232,12 +235,14 @@ def check_v2_files(data_path: str | os.PathLike, output_dir: str | os.PathLike,
     items = lb2.load_items(data_path)
     if not items:
         raise lb2.LongBenchV2FormatError(f"{os.fspath(data_path)}: no items")
-    if mode == "rag":
+    if retrieves and mode != "rag":
+        raise ValueError(f"a retriever is for the 'rag' mode, not {mode!r}")
+    if mode == "rag" and not retrieves:
         bare = [item.id for item in items if not item.retrieved]
         if bare:
             raise lb2.LongBenchV2FormatError(
                 f"{os.fspath(data_path)}: item _id {bare[0]} has no 'retrieved_context', which the 'rag' mode "
-                f"needs ({len(bare)} items lack it)")
+                f"needs without a retriever ({len(bare)} items lack it)")
     path = Path(output_dir) / f"{V2_STAGE}.jsonl"
     rows = finished_rows(path)
     wrong_mode = [item_id for item_id, row in rows.items() if row.get("mode") != mode]
@@ -263,6 +268,8 @@ def longbench_v2_job(
     sampling: SamplingParams | None = None,
     answer_sampling: SamplingParams | None = None,
     rag_top_k: int | None = None,
+    retriever: Callable[[Sequence[str]], Retriever] | None = None,
+    rag_chunk_tokens: int = lb2.RAG_CHUNK_TOKENS,
     name: str = "model",
     seed: int = 0,
     concurrency: int = 4,
@@ -281,6 +288,10 @@ def longbench_v2_job(
       sampling, answer_sampling: the first pass and the cot answer pass (defaults as
         ``longbench_v2.evaluate``); the seed is replaced per item.
       rag_top_k: retrieved chunks shown in the ``"rag"`` mode (None: all).
+      retriever: ``"rag"`` only: ``chunks -> retriever`` (e.g. ``BM25Retriever``); each item's
+        context is then cut into ``rag_chunk_tokens``-token chunks (with ``tokenizer`` when given)
+        and searched for its question (``longbench_v2.retrieve_context``), in place of the data's
+        ``retrieved_context``. Rows record the indices of the chunks shown (``retrieved``).
       name: the row label of the Markdown table.
       seed: base of every per-item seed (:func:`item_seed`).
       concurrency: items worked on at once.
@@ -292,7 +303,7 @@ def longbench_v2_job(
       without a tokenizer), ``result`` (:func:`~glmjax.evals.longbench_v2.score` of the finished
       items), ``usage`` (:func:`total_usage` of the finished rows), ``stage`` and ``files``.
     """
-    items = check_v2_files(data_path, output_dir, mode)
+    items = check_v2_files(data_path, output_dir, mode, retrieves=retriever is not None)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {V2_STAGE: str(out / f"{V2_STAGE}.jsonl")}
@@ -302,12 +313,17 @@ def longbench_v2_job(
 
     def predict(item: Item) -> dict[str, Any]:
         question = by_id[item.id]
+        if retriever is not None:
+            question = lb2.retrieve_context(question, retriever, chunk_tokens=rag_chunk_tokens,
+                                            tokenizer=tokenizer, top_k=rag_top_k)
         (row,) = lb2.evaluate(
             [question], client, mode=mode, tokenizer=tokenizer, budget=budget, rag_top_k=rag_top_k,
             sampling=dataclasses.replace(first, seed=item_seed(seed, V2_STAGE, item.id)),
             answer_sampling=dataclasses.replace(second, seed=item_seed(seed, "answer", item.id)))
         if row["error"] is not None:
             raise ItemCallError(row["error"])
+        if retriever is not None:
+            row["retrieved"] = [index for index, _ in question.retrieved]
         return row
 
     runner_items = [Item(item.id, {"_id": item.id}, f"{os.fspath(data_path)}: item {index}")
@@ -322,6 +338,9 @@ def longbench_v2_job(
               "unfinished": len(items) - len(scored), "failed": stage["failed"],
               "truncation": None if tokenizer is None else {
                   "budget": budget, "truncated": sum(bool(rows[item.id]["truncated"]) for item in scored)},
+              "retrieval": None if retriever is None else {
+                  "retriever": getattr(retriever, "__name__", type(retriever).__name__),
+                  "chunk_tokens": rag_chunk_tokens, "top_k": rag_top_k},
               "result": result, "usage": usage, "stage": stage, "files": files}
     unfinished = "" if not report["unfinished"] else (
         f"\n{report['unfinished']} of {len(items)} items are not answered yet (failures in "

@@ -10,7 +10,8 @@ The protocol (THUDM/LongBench, arXiv 2412.15204), reproduced here:
   question, choices), ``"cot"`` (the same, asking for step-by-step reasoning; a second pass,
   :func:`build_cot_answer_prompt`, gives the question, the choices and that reasoning with the
   document omitted and asks for the answer), ``"no_context"`` (question and choices only) and
-  ``"rag"`` (retrieved chunks, ``"Retrieved chunk i: ..."``, in place of the document). Every
+  ``"rag"`` (retrieved chunks, ``"Retrieved chunk i: ..."``, in place of the document: the item's
+  ``retrieved_context``, or chunks of its context that :func:`retrieve_context` retrieves). Every
   prompt asks for ``The correct answer is (X)``. The document, question and choices are stripped
   of surrounding whitespace, as the reference does.
 * **Truncation** (:func:`truncate_prompt`): a whole prompt longer than the budget (default
@@ -37,10 +38,11 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from glmjax.inference.llm_client import LLMClient, LLMClientError, SamplingParams
+from glmjax.pipelines.retrieval import Retriever, chunk_text
 
 CHOICES = ("A", "B", "C", "D")
 DIFFICULTIES = ("easy", "hard")
@@ -235,6 +237,48 @@ def retrieved_chunks(item: LongBenchV2Item, top_k: int | None = None) -> list[st
         raise ValueError(f"item {item.id}: no 'retrieved_context' for the 'rag' mode")
     best = item.retrieved[:top_k] if top_k is not None else item.retrieved
     return [content for _, content in sorted(best, key=lambda chunk: chunk[0])]
+
+
+RAG_CHUNK_TOKENS = 512
+"""Tokens per context chunk when :func:`retrieve_context` cuts a document (LongBench v2's RAG
+experiments retrieve 512-token chunks)."""
+
+
+def retrieval_query(item: LongBenchV2Item) -> str:
+    """What :func:`retrieve_context` searches the document for: the question and its four choices,
+    one per line (ours: the choices name what the answer must tell apart)."""
+    fields = _fields(item)
+    return "\n".join([fields["question"], *(fields[f"choice_{letter}"] for letter in CHOICES)])
+
+
+def retrieve_context(item: LongBenchV2Item, make_retriever: Callable[[Sequence[str]], Retriever], *,
+                     chunk_tokens: int = RAG_CHUNK_TOKENS, tokenizer: Any | None = None,
+                     top_k: int | None = None) -> LongBenchV2Item:
+    """``item`` with ``retrieved`` computed from its own context, for the ``"rag"`` mode of data
+    that has no ``retrieved_context``.
+
+    The context is cut into chunks of ``chunk_tokens`` tokens
+    (:func:`glmjax.pipelines.retrieval.chunk_text`, with ``tokenizer`` when given: a Hugging Face
+    fast tokenizer), a retriever is built over them and searched for :func:`retrieval_query`;
+    ``retrieved`` holds the ``top_k`` best (all that match when None) as ``(chunk index, text)``,
+    best first, like the official field.
+
+    Args:
+      make_retriever: ``chunks -> retriever`` (e.g. ``BM25Retriever``, or
+        ``lambda chunks: EmbeddingRetriever(chunks, embed)``).
+
+    Raises:
+      ValueError: an empty context, a retriever that matches no chunk, or ``top_k < 1``.
+    """
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    chunks = chunk_text(item.context, chunk_tokens, tokenizer)
+    if not chunks:
+        raise ValueError(f"item {item.id}: an empty context has nothing to retrieve")
+    best = make_retriever(chunks).search(retrieval_query(item), top_k or len(chunks))
+    if not best:
+        raise ValueError(f"item {item.id}: no chunk of the context matches the question")
+    return dataclasses.replace(item, retrieved=tuple((index, chunks[index]) for index in best))
 
 
 def build_prompt(item: LongBenchV2Item, mode: str, *, retrieved: Sequence[str] | None = None,
