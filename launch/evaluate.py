@@ -36,6 +36,25 @@ with the tokenizer of ``--tokenizer_dir`` (default with ``--client=local``: the 
   python -m launch.evaluate longbench_v2 --data=data.json --output_dir=out/lbv2_cot --mode=cot \
       --client=local --run_dir=runs/long/sft
 
+``longbench_cite`` (LongBench-Cite, ``glmjax.evals.longbench_cite_jobs.longbench_cite_job``): the
+model answers each question of ``--data`` (the official ``LongBench-Cite.json``, or JSONL: ``idx,
+dataset, query, answer, few_shot_scores, context``) from its sentence-numbered context with
+``<statement>...<cite>[a-b]</cite></statement>`` citations (``OUTPUT_DIR/responses.jsonl``); the
+judge rates the citations (recall, precision, F1 of the first 40 statements:
+``citations.jsonl``) and the answer without citations (correctness: ``correctness.jsonl``); the
+summary per dataset group and averaged, with the citation length in tokens of ``--tokenizer_dir``
+(default with ``--client=local``: the run's; none given: not measured), goes to ``report.json`` /
+``report.md`` and stdout. Prompts are cut in the middle to ``--budget`` tokens (default 128000)
+with that tokenizer::
+
+  python -m launch.evaluate longbench_cite --data=LongBench-Cite.json --output_dir=out/cite \
+      --client=http --base_url=http://localhost:8000/v1 --model=my-model \
+      --judge_base_url=https://api.example.com/v1 --judge_model=judge --tokenizer_dir=tok/
+
+Its prompts are ours; gin bindings replace them (``--gin_bindings='load_cite_prompt.path="p.txt"'``,
+``load_judge_prompts.support``, ...; also ``longbench_cite_job.max_statements`` and the judges'
+reply lengths).
+
 The model under test is ``--client=local`` (the engine of ``--run_dir``, checkpoint ``--step``;
 ``--attention_backend=sample`` prefills with SampleAttention) or
 ``--client=http`` (``--base_url``, ``--model``: any OpenAI-compatible endpoint, ``launch.serve``
@@ -63,6 +82,7 @@ from glmjax.data.chat_format import ChatFormatError
 from glmjax.data.sources import DataFormatError, EmptyDatasetError
 from glmjax.data.tokenizer import TokenizerError, load_tokenizer
 from glmjax.evals import inference_scaling as scaling
+from glmjax.evals import longbench_cite_jobs as cite_jobs
 from glmjax.evals import longbench_jobs as jobs
 from glmjax.evals import longbench_v2 as lb2
 from glmjax.inference.engine import GenerationEngine
@@ -87,7 +107,8 @@ _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "gin bindings (e.g
 _BUDGETS = flags.DEFINE_list("budgets", ["8", "16", "32", "64", "128"], "Reasoning-token budgets, ascending.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "Responses per problem (pass@1 averages over them).")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature of the responses (default: 1.0 "
-                                  "for inference_scaling, 0.5 for longbench_write, 0.1 for longbench_v2).")
+                                  "for inference_scaling, 0.5 for longbench_write, 0.1 for longbench_v2, 0.95 for "
+                                  "longbench_cite).")
 _CHECKER = flags.DEFINE_enum("checker", None, sorted(scaling.CHECKERS),
                              "Answer checker (default: the problems file's format).")
 _ANSWER_PREFIX = flags.DEFINE_string("answer_prefix", None,
@@ -125,19 +146,25 @@ _TIMEOUT_S = flags.DEFINE_float("timeout_s", 600.0, "HTTP clients: socket timeou
 _CONCURRENCY = flags.DEFINE_integer("concurrency", 4, "longbench_*: items worked on at once.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer(
     "max_new_tokens", None, "longbench_*: new tokens of a response (default: 32768 for longbench_write; for "
-    "longbench_v2 128 for an answer, 1024 for a chain of thought, whose answer pass keeps 128).")
+    "longbench_v2 128 for an answer, 1024 for a chain of thought, whose answer pass keeps 128; 1024 for "
+    "longbench_cite).")
 _PROMPTS = flags.DEFINE_string("prompts", None, "longbench_write: the prompts JSONL (prompt, type, length).")
 _JUDGE_BASE_URL = flags.DEFINE_string(
-    "judge_base_url", None, "longbench_write: OpenAI-compatible API root of the quality judge; without it the "
-    "model under test judges itself (the local engine, or --model at --base_url).")
-_JUDGE_MODEL = flags.DEFINE_string("judge_model", None, "longbench_write: model name sent to --judge_base_url.")
-_JUDGE_API_KEY_ENV = flags.DEFINE_string("judge_api_key_env", None,
-                                         "longbench_write: environment variable holding the judge's API key.")
-_JUDGE_TRIES = flags.DEFINE_integer("judge_tries", 5, "longbench_write: judge calls per response at most.")
-_DATA = flags.DEFINE_string("data", None, "longbench_v2: the data file (official data.json, or JSONL).")
+    "judge_base_url", None, "longbench_write, longbench_cite: OpenAI-compatible API root of the judge; without "
+    "it the model under test judges itself (the local engine, or --model at --base_url).")
+_JUDGE_MODEL = flags.DEFINE_string("judge_model", None, "longbench_write, longbench_cite: model name sent to "
+                                   "--judge_base_url.")
+_JUDGE_API_KEY_ENV = flags.DEFINE_string("judge_api_key_env", None, "longbench_write, longbench_cite: environment "
+                                         "variable holding the judge's API key.")
+_JUDGE_TRIES = flags.DEFINE_integer("judge_tries", 5, "longbench_write: judge calls per response at most; "
+                                    "longbench_cite: per judgement.")
+_DATA = flags.DEFINE_string("data", None, "longbench_v2: the data file (official data.json, or JSONL); "
+                            "longbench_cite: LongBench-Cite.json (or JSONL).")
 _MODE = flags.DEFINE_enum("mode", "zero_shot", list(lb2.MODES), "longbench_v2: the prompt.")
-_BUDGET = flags.DEFINE_integer("budget", lb2.DEFAULT_BUDGET, "longbench_v2: prompt tokens kept by middle "
-                               "truncation (needs a tokenizer: --tokenizer_dir, or the run's with --client=local).")
+_BUDGET = flags.DEFINE_integer("budget", None, "longbench_v2, longbench_cite: prompt tokens kept by middle "
+                               f"truncation (default: {lb2.DEFAULT_BUDGET} for longbench_v2, "
+                               f"{cite_jobs.DEFAULT_BUDGET} for longbench_cite; needs a tokenizer: --tokenizer_dir, "
+                               "or the run's with --client=local).")
 _RAG_TOP_K = flags.DEFINE_integer("rag_top_k", None, "longbench_v2 --mode=rag: retrieved chunks shown (default: all).")
 
 
@@ -270,6 +297,29 @@ def _sampling(default: SamplingParams) -> SamplingParams:
     return dataclasses.replace(default, **changes)
 
 
+def _budget(default: int) -> int:
+    """--budget, or ``default`` when it is not given."""
+    budget = default if _BUDGET.value is None else _BUDGET.value
+    if budget < 1:
+        raise UserError(f"--budget must be >= 1 token, got {budget}")
+    return budget
+
+
+def _check_judge_flags() -> None:
+    if (_JUDGE_BASE_URL.value is None) != (_JUDGE_MODEL.value is None):
+        raise UserError("--judge_base_url and --judge_model go together")
+    if _JUDGE_TRIES.value < 1:
+        raise UserError(f"--judge_tries must be >= 1, got {_JUDGE_TRIES.value}")
+
+
+def _judge_client() -> LLMClient | None:
+    """The judge at --judge_base_url, or None (the model under test judges itself)."""
+    if _JUDGE_BASE_URL.value is None:
+        return None
+    return OpenAIHTTPClient(_JUDGE_BASE_URL.value, _JUDGE_MODEL.value, api_key_env=_JUDGE_API_KEY_ENV.value,
+                            timeout_s=_TIMEOUT_S.value)
+
+
 def _finish(report: dict) -> int:
     """Prints the report; 1 (with a line on stderr) while items are unfinished, else 0."""
     print(json.dumps(report))
@@ -285,14 +335,10 @@ def longbench_write() -> int:
     """LongBench-Write: generate, judge, summarise (module docstring)."""
     _require(prompts=_PROMPTS.value)
     _check_client_flags()
-    if (_JUDGE_BASE_URL.value is None) != (_JUDGE_MODEL.value is None):
-        raise UserError("--judge_base_url and --judge_model go together")
+    _check_judge_flags()
     output_dir = _longbench_output_dir("longbench_write")
     jobs.check_write_files(_PROMPTS.value, output_dir)  # bad files are refused before a model loads
-    judge = None
-    if _JUDGE_BASE_URL.value is not None:
-        judge = OpenAIHTTPClient(_JUDGE_BASE_URL.value, _JUDGE_MODEL.value, api_key_env=_JUDGE_API_KEY_ENV.value,
-                                 timeout_s=_TIMEOUT_S.value)
+    judge = _judge_client()
     client, _, _ = _client_under_test()
     report = jobs.longbench_write_job(
         _PROMPTS.value, output_dir, client, judge or client, sampling=_sampling(jobs.DEFAULT_WRITE_SAMPLING),
@@ -305,8 +351,7 @@ def longbench_v2() -> int:
     """LongBench v2 in --mode: ask, grade, score (module docstring)."""
     _require(data=_DATA.value)
     _check_client_flags()
-    if _BUDGET.value < 1:
-        raise UserError(f"--budget must be >= 1 token, got {_BUDGET.value}")
+    budget = _budget(lb2.DEFAULT_BUDGET)
     output_dir = _longbench_output_dir(f"longbench_v2_{_MODE.value}")
     jobs.check_v2_files(_DATA.value, output_dir, _MODE.value)  # before a model loads
     client, name, tokenizer_dir = _client_under_test()
@@ -315,14 +360,34 @@ def longbench_v2() -> int:
     answer = lb2.DIRECT_SAMPLING if _TEMPERATURE.value is None else dataclasses.replace(
         lb2.DIRECT_SAMPLING, temperature=_TEMPERATURE.value)
     report = jobs.longbench_v2_job(
-        _DATA.value, output_dir, client, mode=_MODE.value, tokenizer=tokenizer, budget=_BUDGET.value,
+        _DATA.value, output_dir, client, mode=_MODE.value, tokenizer=tokenizer, budget=budget,
         sampling=_sampling(first), answer_sampling=answer, rag_top_k=_RAG_TOP_K.value, name=name,
         seed=_SEED.value, concurrency=_CONCURRENCY.value, progress=_PROGRESS.value)
     return _finish(report)
 
 
+def longbench_cite() -> int:
+    """LongBench-Cite: answer with citations, judge citations and correctness, summarise (module
+    docstring)."""
+    _require(data=_DATA.value)
+    _check_client_flags()
+    _check_judge_flags()
+    budget = _budget(cite_jobs.DEFAULT_BUDGET)
+    output_dir = _longbench_output_dir("longbench_cite")
+    cite_jobs.check_cite_files(_DATA.value, output_dir)  # bad files are refused before a model loads
+    judge = _judge_client()
+    client, name, tokenizer_dir = _client_under_test()
+    tokenizer = None if tokenizer_dir is None else load_tokenizer(tokenizer_dir)
+    report = cite_jobs.longbench_cite_job(
+        _DATA.value, output_dir, client, judge or client, tokenizer=tokenizer, budget=budget,
+        sampling=_sampling(cite_jobs.DEFAULT_SAMPLING), judge_tries=_JUDGE_TRIES.value, seed=_SEED.value,
+        concurrency=_CONCURRENCY.value, progress=_PROGRESS.value, name=name)
+    return _finish(report)
+
+
 EVALUATIONS: dict[str, Callable[[], int]] = {"inference_scaling": inference_scaling,
-                                             "longbench_write": longbench_write, "longbench_v2": longbench_v2}
+                                             "longbench_write": longbench_write, "longbench_v2": longbench_v2,
+                                             "longbench_cite": longbench_cite}
 """Evaluation name -> its entry point (reads the flags, returns the exit status)."""
 
 _USER_ERRORS = (UserError, InputError, OutputFileError, CheckpointError, DataFormatError, EmptyDatasetError, TokenizerError, ChatFormatError,
