@@ -101,7 +101,8 @@ def test_cli_gin_prompts_stale_files_and_bad_input(tmp_path):
         http = ["--client=http", f"--base_url={server.base_url}", "--model=reader", "--noprogress"]
         judge = [f"--judge_base_url={server.base_url}", "--judge_model=judge"]
         gin_case = ["longbench_cite", f"--data={one}", f"--output_dir={gin_out}", *http, *judge,
-                    f"--gin_bindings=load_judge_prompts.correct_qa = '{qa_prompt}'"]
+                    f"--gin_bindings=load_judge_prompts.correct_qa = '{qa_prompt}'",
+                    "--gin_bindings=longbench_cite_job.max_statements = 1"]
         # After the gin case, its answers stay while the data's context changes: refused.
         edited = tmp_path / "edited.json"
         changed = [dict(script.load_fixture()[0], context="Another context entirely.")]
@@ -126,13 +127,44 @@ def test_cli_gin_prompts_stale_files_and_bad_input(tmp_path):
              "gin binding error"),
         ]
         codes, lines, stderr = script.evaluate_cli([gin_case, *(args for args, _ in cases)])
-        # only the gin case called: 1 answer, 2 support and 2 relevance judgements, 1 correctness
-        assert len(server.requests) == 6
+        # only the gin case called: 1 answer, 1 support and 1 relevance judgement (of the first
+        # statement only), 1 correctness
+        assert len(server.requests) == 4
     assert codes == [0] + [2] * len(cases)
     (report,) = map(json.loads, lines)
     assert report["summary"]["groups"]["hotpotqa"]["correctness"] == 0.5  # our prompt's [[2]] of 1-3
+    cites = script.rows(gin_out / "citations.jsonl")[0]
+    assert (cites["total_statements"], cites["judged_statements"]) == (2, 1)
     errors = [line for line in stderr.splitlines() if line.startswith("evaluate longbench_cite")]
     assert len(errors) == len(cases), stderr[-3000:]
     for line, (_, message) in zip(errors, cases):
         assert message in line, line
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_cli_local_engine_of_a_tiny_run(tmp_path):
+    """--client=local: a tiny random run answers (its tokenizer cuts every prompt to --budget and
+    measures the citation length); the fake server judges with a reply every parser reads."""
+    from training_helpers import tiny_run_dir
+
+    run, _ = tiny_run_dir(tmp_path)
+    every = "Rating: [[Fully supported]] [[Relevant]] Need Citation: [[No]] [[3]]"
+    with FakeOpenAIServer(reply=lambda body: every) as server:
+        codes, lines, stderr = script.evaluate_cli([
+            ["longbench_cite", f"--data={script.FIXTURE}", f"--output_dir={tmp_path / 'out'}", "--client=local",
+             f"--run_dir={run}", f"--judge_base_url={server.base_url}", "--judge_model=judge", "--budget=96",
+             "--max_new_tokens=8", "--concurrency=2", "--noprogress"]], timeout=600)
+    assert codes == [0], stderr[-3000:]
+    (report,) = map(json.loads, lines)
+    assert report["scored"] == 6 and report["truncation"] == {"budget": 96, "truncated": 6}
+    assert report["citation_length_tokenizer"]
+    usage = report["stages"]["responses"]["usage"]
+    assert usage["calls"] == 6 and usage["unreported"] == 0 and usage["prompt_tokens"] > 6 * 96
+    assert 6 <= usage["completion_tokens"] <= 48
+    responses = script.rows(tmp_path / "out" / "responses.jsonl")
+    cites = script.rows(tmp_path / "out" / "citations.jsonl")
+    for idx, row in responses.items():  # the scores follow the rules on whatever the model wrote
+        statements = lc.parse_cited_response(row["response"], row["num_sentences"])
+        assert cites[idx]["total_statements"] == len(statements)
+        assert cites[idx]["citation_recall"] == (1.0 if statements else 0.0)
