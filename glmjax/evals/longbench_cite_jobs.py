@@ -122,7 +122,8 @@ def _markdown(report: Mapping[str, Any]) -> str:
     usage = report["usage"]
     unreported = f" ({usage['unreported']} without a count from the server)" if usage["unreported"] else ""
     length = (f"Citation length: tokens of the cited text per citation, by the tokenizer "
-              f"`{report['citation_length_tokenizer']}`." if report["citation_length_tokenizer"] else
+              f"`{report['citation_length_tokenizer']}` (- without citations)."
+              if report["citation_length_tokenizer"] else
               "Citation length: not measured (no tokenizer was given).")
     text = (f"# LongBench-Cite: {report['model']}\n\n{report['scored']} of {report['items']} items scored.\n\n"
             + lc.render_markdown(report["summary"]) + "\nRecall, precision, F1 and correctness in percent (means "
