@@ -15,7 +15,19 @@ r"""Runs a data pipeline (``glmjax.pipelines``) with LLM clients from the comman
   python -m launch.pipeline agentwrite --input=instructions.jsonl --output=DIR --client=http \
       --base_url=http://localhost:8000/v1 --model=m --concurrency=8 --gin.agentwrite_pipeline.max_steps=50
 
+  # CoF (LongCite): questions and answers from long documents, then chunk- and sentence-level
+  # citations; BM25 retrieval by default, or dense retrieval through an /v1/embeddings endpoint:
+  python -m launch.pipeline cof --input=documents.jsonl --output=DIR --client=http \
+      --base_url=http://localhost:8000/v1 --model=m --retriever=embeddings --embeddings_model=e
+
 Pipelines:
+  ``cof``: ``glmjax.pipelines.cof.cof_pipeline`` on ``{"id"?, "context", "query"?, "answer"?}`` rows;
+    ``--output`` is its directory (``qa.jsonl``, ``chunk_cites.jsonl``, ``sentence_cites.jsonl``,
+    ``sft.jsonl``, ``rejected.jsonl``). The first ``--model`` runs every stage. ``--retriever``:
+    ``bm25`` (default), ``embeddings`` (``--embeddings_model`` at ``--embeddings_base_url``,
+    default ``--base_url``), ``wordllama`` (a local model shipped in the ``wordllama`` package).
+    Chunks count the tokens of ``--tokenizer_dir`` (``--client=local``: the run's tokenizer by
+    default), else words and CJK characters.
   ``agentwrite``: ``glmjax.pipelines.agentwrite.agentwrite_pipeline`` on ``{"id"?, "instruction"}``
     rows; ``--output`` is its directory (``plans.jsonl``, ``writes.jsonl``, ``sft.jsonl``). The
     first ``--model`` (or ``--planner_model`` / ``--writer_model``) plans and writes.
@@ -43,23 +55,27 @@ from glmjax.data.tokenizer import TokenizerError, load_tokenizer
 from glmjax.inference.engine import GenerationEngine
 from glmjax.inference.llm_client import LLMClient, OpenAIHTTPClient
 from glmjax.inference.local_client import LocalEngineClient
-from glmjax.pipelines import agentwrite, t1_cot
+from glmjax.inference.embeddings_client import EmbeddingsClient
+from glmjax.pipelines import agentwrite, cof, t1_cot
 from glmjax.pipelines.agentwrite import agentwrite_pipeline
+from glmjax.pipelines.retrieval import BM25Retriever, EmbedderUnavailable, EmbeddingRetriever, WordLlamaEmbedder
 from glmjax.pipelines.runner import InputError, OutputFileError
 from glmjax.pipelines.t1_cot import PromptError, t1_cot_pipeline, write_builtin_problems
 from launch import common
 from launch.train import GinConfigError, parse_gin, split_gin_shorthand  # also --gin_file, --gin_bindings
 
-PIPELINES = ("t1_cot", "builtin_problems", "agentwrite")
+PIPELINES = ("t1_cot", "builtin_problems", "agentwrite", "cof")
 
 _INPUT = flags.DEFINE_string("input", None, "Input JSONL of the pipeline's items.")
-_OUTPUT = flags.DEFINE_string("output", None, "Output directory (t1_cot, agentwrite) or file (builtin_problems).")
+_OUTPUT = flags.DEFINE_string("output", None,
+                              "Output directory (t1_cot, agentwrite, cof) or file (builtin_problems).")
 _CLIENT = flags.DEFINE_enum("client", None, ["local", "http"],
                             "local: the engine of --run_dir; http: an OpenAI-compatible --base_url.")
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "--client=local: a launch.train MODEL_DIR.")
 _STEP = flags.DEFINE_integer("step", None, "--client=local: checkpoint step (default: the newest good one).")
 _TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None,
-                                     "--client=local: tokenizer directory (default: the run's).")
+                                     "--client=local: tokenizer directory (default: the run's); cof: the "
+                                     "tokenizer whose tokens the chunks count (also with --client=http).")
 _MAX_BATCH_SIZE = flags.DEFINE_integer("max_batch_size", 16, "--client=local: rows per engine call.")
 _BASE_URL = flags.DEFINE_string("base_url", None, "--client=http: API root, e.g. http://localhost:8000/v1.")
 _MODEL = flags.DEFINE_list("model", None, "--client=http: model name(s); each one samples attempts.")
@@ -74,9 +90,18 @@ _NUM_PROBLEMS = flags.DEFINE_integer("num_problems", 32, "builtin_problems: how 
 _SPLIT = flags.DEFINE_enum("split", "eval", ["train", "eval"], "builtin_problems: the task split.")
 _SEED = flags.DEFINE_integer("seed", 0, "builtin_problems: generator seed.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars on stderr.")
+_RETRIEVER = flags.DEFINE_enum("retriever", "bm25", ["bm25", "embeddings", "wordllama"],
+                               "cof: chunk retrieval: BM25, an /v1/embeddings endpoint, or the local "
+                               "WordLlama model (pip install wordllama).")
+_EMBEDDINGS_BASE_URL = flags.DEFINE_string("embeddings_base_url", None,
+                                           "cof --retriever=embeddings: API root (default: --base_url).")
+_EMBEDDINGS_MODEL = flags.DEFINE_string("embeddings_model", None, "cof --retriever=embeddings: model name.")
+_EMBEDDINGS_API_KEY_ENV = flags.DEFINE_string("embeddings_api_key_env", None,
+                                              "cof --retriever=embeddings: variable holding the API key "
+                                              "(default: --api_key_env).")
 
 _USER_ERRORS = (InputError, OutputFileError, PromptError, CheckpointError, TokenizerError, ChatFormatError,
-                GinConfigError, FileNotFoundError, ValueError)
+                GinConfigError, FileNotFoundError, ValueError, EmbedderUnavailable)
 
 
 class UserError(ValueError):
@@ -112,6 +137,33 @@ def _clients() -> tuple[list[LLMClient], LLMClient, LLMClient, LLMClient]:
     return attempts, critic, writer, planner
 
 
+def _retriever_factory() -> cof.RetrieverFactory:
+    """The chunk retriever of ``--retriever`` (its embedder built once, here)."""
+    if _RETRIEVER.value == "bm25":
+        return BM25Retriever
+    if _RETRIEVER.value == "wordllama":
+        embed = WordLlamaEmbedder()
+    else:
+        base_url = _EMBEDDINGS_BASE_URL.value or _BASE_URL.value
+        _require(embeddings_model=_EMBEDDINGS_MODEL.value, embeddings_base_url=base_url)
+        embed = EmbeddingsClient(base_url, _EMBEDDINGS_MODEL.value,
+                                 api_key_env=_EMBEDDINGS_API_KEY_ENV.value or _API_KEY_ENV.value,
+                                 timeout_s=_TIMEOUT_S.value)
+    return lambda chunks: EmbeddingRetriever(chunks, embed)
+
+
+def _run_cof(overrides: dict[str, int]) -> dict:
+    cof.check_files(_INPUT.value, _OUTPUT.value)  # bad files are refused before a model loads
+    factory = _retriever_factory()
+    tokenizer_dir = _TOKENIZER_DIR.value
+    if tokenizer_dir is None and _CLIENT.value == "local" and _RUN_DIR.value is not None:
+        tokenizer_dir = run_tokenizer_dir(_RUN_DIR.value)
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    _, client, _, _ = _clients()
+    return cof.cof_pipeline(_INPUT.value, _OUTPUT.value, client, retriever_factory=factory, tokenizer=tokenizer,
+                            progress=_PROGRESS.value, **overrides)
+
+
 def _run(name: str) -> int:
     if name == "builtin_problems":
         _require(output=_OUTPUT.value)
@@ -120,16 +172,23 @@ def _run(name: str) -> int:
         print(json.dumps({"written": written, "output": _OUTPUT.value}))
         return 0
     _require(input=_INPUT.value, output=_OUTPUT.value)
+    overrides = {} if _CONCURRENCY.value is None else {"concurrency": _CONCURRENCY.value}
+    if name == "cof":
+        return _report(_run_cof(overrides))
     job = agentwrite if name == "agentwrite" else t1_cot
     job.check_files(_INPUT.value, _OUTPUT.value)  # bad files are refused before a model loads
     attempt_clients, critic, writer, planner = _clients()
-    overrides = {} if _CONCURRENCY.value is None else {"concurrency": _CONCURRENCY.value}
     if name == "agentwrite":
         result = agentwrite_pipeline(_INPUT.value, _OUTPUT.value, planner, writer, progress=_PROGRESS.value,
                                      **overrides)
     else:
         result = t1_cot_pipeline(_INPUT.value, _OUTPUT.value, attempt_clients, critic, writer,
                                  progress=_PROGRESS.value, **overrides)
+    return _report(result)
+
+
+def _report(result: dict) -> int:
+    """Prints a pipeline's summary; the exit code: 1 when items failed, else 0."""
     print(json.dumps(result))
     if result["failed"]:
         errors = [stage["errors"] for stage in result["stages"].values() if stage["failed"]]

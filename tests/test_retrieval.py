@@ -23,7 +23,7 @@ from glmjax.pipelines.retrieval import (
     lexical_terms,
     sentences_of_chunks,
 )
-from tests.fake_openai_server import Behaviour, FakeOpenAIServer, hashed_bag_of_words
+from fake_openai_server import Behaviour, FakeOpenAIServer, hashed_bag_of_words
 
 TEXT = "The quick brown fox jumps. 北京是首都。Paris, France!\n\nEnd."
 
