@@ -29,8 +29,10 @@ retrieval, retries, pairing) runs as with an LLM judge, but the scores are deter
 
 * helpfulness: 10 if the final ``Answer: N`` is the problem's value, else 0;
 * logicality: 10 x the fraction of sound parts, a part being each step line (every attempt's
-  ``ok`` / ``wrong`` verdict right, the last attempt correct and ``ok``, its left operand the
-  previous step's result) and the answer line (it repeats the last step's result);
+  check written right: the inverse operation computed correctly and the verdict ``ok`` exactly
+  when it gives back the left operand, as the task's solutions check; the last attempt correct;
+  its left operand the previous step's result) and the answer line (it repeats the last step's
+  result);
 * statements: each step's last equation; support: ``fully`` when a retrieved passage states the
   equation, ``partially`` when it is arithmetically true but not in the passages, else ``not``;
 * relevant information of a chunk: its facts on the problem's chain; completeness: 10 x the
@@ -82,7 +84,8 @@ JUDGE_SETTINGS = dict(chunk_tokens=18, top_k_chunks=2, completeness_chunk_tokens
 
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 _EQUATION = r"(\d+)([+\-*])(\d+)=(-?\d+)"
-_ATTEMPT = re.compile(_EQUATION + r"\.\s*Check:[^,]*,\s*(ok|wrong)")
+_ATTEMPT = re.compile(_EQUATION + r"\.\s*(Check:[^,]*,\s*(ok|wrong)\.?)")
+_INVERSE = {"+": "-", "-": "+", "*": "/"}
 _FACT = re.compile(r"Fact \d+: " + _EQUATION + r"\.")
 _ANSWER = re.compile(r"Answer:\s*(-?\d+)")
 
@@ -144,6 +147,15 @@ def _section(prompt: str, name: str, end: str) -> str:
     return match.group(1)
 
 
+def expected_check(a: int, op: str, b: int, result: int) -> str:
+    """The right check of the attempt ``a op b = result``: the inverse operation and its verdict."""
+    inverse = _INVERSE[op]
+    if op == "*" and result % b:
+        return f"Check: {result}/{b}!={a}, wrong."
+    back = result // b if op == "*" else _OPS[inverse](result, b)
+    return f"Check: {result}{inverse}{b}={back}, ok." if back == a else f"Check: {result}{inverse}{b}={back}!={a}, wrong."
+
+
 def _step_lines(answer: str) -> list[str]:
     return [line for line in answer.splitlines() if line.lstrip().startswith("Step")]
 
@@ -156,10 +168,11 @@ def logicality(query: str, answer: str) -> float:
     sound, previous = 0, chain_of(query)[0][0]
     for line in lines:
         attempts = _ATTEMPT.findall(line)
-        verdicts_right = all((_OPS[op](int(a), int(b)) == int(r)) == (v == "ok") for a, op, b, r, v in attempts)
+        checks_right = all(check.rstrip(".") + "." == expected_check(int(a), op, int(b), int(r))
+                           for a, op, b, r, check, _ in attempts)
         if attempts:
-            a, op, b, r, v = attempts[-1]
-            if verdicts_right and v == "ok" and _OPS[op](int(a), int(b)) == int(r) and int(a) == previous:
+            a, op, b, r, _, verdict = attempts[-1]
+            if checks_right and verdict == "ok" and _OPS[op](int(a), int(b)) == int(r) and int(a) == previous:
                 sound += 1
             previous = int(r)
     answers = _ANSWER.findall(answer)
@@ -170,7 +183,7 @@ def logicality(query: str, answer: str) -> float:
 def stated_equations(answer: str) -> list[str]:
     """Each step line's last attempted equation."""
     return [equation(int(a), op, int(b), int(r)) for line in _step_lines(answer)
-            for a, op, b, r, _ in _ATTEMPT.findall(line)[-1:]]
+            for a, op, b, r, _, _ in _ATTEMPT.findall(line)[-1:]]
 
 
 class ArithmeticRuleJudge(LLMClient):

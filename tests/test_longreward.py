@@ -229,7 +229,7 @@ def test_unparsable_replies_are_retried_then_fail():
 
     client = ScriptedClient(flaky)
     scored = _judge(client).score(CONTEXT, QUERY, GOOD, key="p")
-    assert scored.scores["helpfulness"] == 9.0 and scored.tries == 2 + 3  # 2 for helpfulness, 1 per statement
+    assert scored.scores["helpfulness"] == 9.0 and scored.retries == 2 + 3  # 2 for helpfulness, 1 per statement
     helpful = _calls(client, "helpfulness")
     assert [p.temperature for _, p in helpful] == [0.0, 1.0, 1.0]
     assert [p.seed for _, p in helpful] == [item_seed(0, "helpfulness", n, "p") for n in range(3)]

@@ -16,6 +16,7 @@ REDONE = ("Step 1: 9-2=8. Check: 8+2=10!=9, wrong. Redo: 9-2=7. Check: 7+2=9, ok
           "Step 2: 7-1=6. Check: 6+1=7, ok.\nAnswer: 6")
 CARRIED = "Step 1: 9-2=8. Check: 8+2=9, ok.\nStep 2: 8-1=7. Check: 7+1=8, ok.\nAnswer: 7"  # a false check
 NO_STEPS = "Answer: 6"
+SLOPPY = "Step 1: 9-2=7. Check: 7+2=8, ok.\nStep 2: 7-1=6. Check: 6+1=7, ok.\nAnswer: 6"  # 7+2 is not 8
 QUERY = "Compute 9-2-1."
 CONTEXT = "Fact 1: 2+2=4.\nFact 2: 9-2=7.\nFact 3: 9+5=14.\nFact 4: 7-1=6.\nFact 5: 8*5=40."
 
@@ -46,6 +47,10 @@ def test_rule_judge_scores(tmp_path):
     assert carried.scores == pytest.approx({"helpfulness": 0.0, "logicality": 20 / 3, "faithfulness": 2.5,
                                             "completeness": 0.0}, abs=1e-4)  # the judge writes 4 decimals
     assert [s["support"] for s in carried.statements] == ["not", "partially"]
+    assert ex.logicality(QUERY, SLOPPY) == pytest.approx(20 / 3)  # the answer is right, one check is not
+    assert ex.expected_check(12, "*", 3, 35) == "Check: 35/3!=12, wrong."
+    assert ex.expected_check(7, "-", 3, 3) == "Check: 3+3=6!=7, wrong."
+    assert ex.expected_check(7, "+", 5, 12) == "Check: 12-5=7, ok."
     bare = _score(NO_STEPS)
     assert bare.statements == [] and bare.scores == {"helpfulness": 10.0, "logicality": 0.0, "faithfulness": 10.0,
                                                      "completeness": 0.0}

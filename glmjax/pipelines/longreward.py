@@ -32,12 +32,13 @@ own append-only file under ``output_dir`` (:mod:`glmjax.pipelines.runner`):
    ``glmjax.data.pairs.LONG_REWARD_TEMPLATE``, the turn ``pair_data`` trains on; keep the two
    equal), seeds ``item_seed(seed, "responses", 0, id) + k``. Row ``{"id", "responses",
    "seeds"}``.
-2. ``relevant.jsonl``: the completeness stage's per-chunk information, per prompt. Row ``{"id",
-   "information": [str | None per chunk]}``.
+2. ``relevant.jsonl``: the completeness dimension's per-chunk information, per prompt (shared
+   by its responses). Row ``{"id", "information": [str | None per chunk], "retries"}``.
 3. ``scores.jsonl``: one row per (prompt, response), id ``json.dumps([prompt id, k])``:
    ``{"id", "prompt_id", "index", "response_sha", "scores": {dimension: 0-10}, "reward",
-   "statements": [{"statement", "chunks", "support"}], "replies": {...}}``. Responses are scored
-   one per item, so a judge failure repeats only that response's calls.
+   "statements": [{"statement", "chunks", "support"}], "replies": {dimension: judge reply},
+   "retries"}``. Responses are scored one per item, so a judge failure repeats only that
+   response's calls.
 
 Then every run rewrites (atomically), in input order, from the prompts whose responses are all
 scored:
@@ -238,18 +239,18 @@ class ResponseScores:
         indices, best first), "support" ("fully" | "partially" | "not")}``; ``[]`` when the answer
         makes none.
       replies: the judge's parsed replies by dimension (analyses and the statement list).
-      tries: judge calls that did not parse and were asked again.
+      retries: judge calls that repeated a question whose reply did not parse.
     """
 
     scores: dict[str, float]
     reward: float
     statements: list[dict[str, Any]]
     replies: dict[str, str]
-    tries: int
+    retries: int
 
     def as_row(self) -> dict[str, Any]:
         return {"scores": self.scores, "reward": self.reward, "statements": self.statements,
-                "replies": self.replies, "retries": self.tries}
+                "replies": self.replies, "retries": self.retries}
 
 
 class LongRewardJudge:
