@@ -27,7 +27,9 @@ stdout::
       --judge_base_url=https://api.example.com/v1 --judge_model=judge --judge_api_key_env=JUDGE_KEY
 
 ``longbench_v2`` (``glmjax.evals.longbench_jobs.longbench_v2_job``): each question of ``--data``
-(the official ``data.json``) in ``--mode`` (zero_shot, cot, no_context, rag), graded, into
+(the official ``data.json``) in ``--mode`` (zero_shot, cot, no_context, rag: the data's
+``retrieved_context``, or with ``--rag_retriever=bm25|embeddings|wordllama`` chunks of each
+context, ``--rag_chunk_tokens`` long, retrieved for its question), graded, into
 ``OUTPUT_DIR/predictions.jsonl``; accuracy overall / easy / hard / short / medium / long to
 ``report.json`` / ``report.md`` and stdout. Prompts are cut in the middle to ``--budget`` tokens
 with the tokenizer of ``--tokenizer_dir`` (default with ``--client=local``: the run's; with
@@ -85,10 +87,18 @@ from glmjax.evals import inference_scaling as scaling
 from glmjax.evals import longbench_cite_jobs as cite_jobs
 from glmjax.evals import longbench_jobs as jobs
 from glmjax.evals import longbench_v2 as lb2
+from glmjax.inference.embeddings_client import EmbeddingsClient
 from glmjax.inference.engine import GenerationEngine
 from glmjax.inference.llm_client import LLMClient, LLMClientError, OpenAIHTTPClient, SamplingParams
 from glmjax.inference.local_client import LocalEngineClient
 from glmjax.models.attention import BACKENDS as ATTENTION_BACKENDS
+from glmjax.pipelines.retrieval import (
+    BM25Retriever,
+    EmbedderUnavailable,
+    EmbeddingRetriever,
+    Retriever,
+    WordLlamaEmbedder,
+)
 from glmjax.pipelines.runner import InputError, OutputFileError
 from launch import common
 
@@ -166,6 +176,18 @@ _BUDGET = flags.DEFINE_integer("budget", None, "longbench_v2, longbench_cite: pr
                                f"{cite_jobs.DEFAULT_BUDGET} for longbench_cite; needs a tokenizer: --tokenizer_dir, "
                                "or the run's with --client=local).")
 _RAG_TOP_K = flags.DEFINE_integer("rag_top_k", None, "longbench_v2 --mode=rag: retrieved chunks shown (default: all).")
+_RAG_RETRIEVER = flags.DEFINE_enum(
+    "rag_retriever", "given", ["given", "bm25", "embeddings", "wordllama"],
+    "longbench_v2 --mode=rag: the data's retrieved_context (given), or chunks of each context retrieved "
+    "for its question by BM25, an /v1/embeddings endpoint (--embeddings_*) or the local WordLlama model.")
+_RAG_CHUNK_TOKENS = flags.DEFINE_integer("rag_chunk_tokens", lb2.RAG_CHUNK_TOKENS,
+                                         "longbench_v2 --rag_retriever=bm25|embeddings|wordllama: tokens per chunk.")
+_EMBEDDINGS_BASE_URL = flags.DEFINE_string("embeddings_base_url", None,
+                                           "--rag_retriever=embeddings: API root (default: --base_url).")
+_EMBEDDINGS_MODEL = flags.DEFINE_string("embeddings_model", None, "--rag_retriever=embeddings: model name.")
+_EMBEDDINGS_API_KEY_ENV = flags.DEFINE_string("embeddings_api_key_env", None,
+                                              "--rag_retriever=embeddings: variable holding the API key "
+                                              "(default: --api_key_env).")
 
 
 class UserError(ValueError):
@@ -347,13 +369,33 @@ def longbench_write() -> int:
     return _finish(report)
 
 
+def _rag_retriever() -> Callable[[list[str]], Retriever] | None:
+    """``chunks -> retriever`` of --rag_retriever (an embedder built once, here); None: "given"."""
+    if _RAG_RETRIEVER.value == "given":
+        return None
+    if _MODE.value != "rag":
+        raise UserError(f"--rag_retriever={_RAG_RETRIEVER.value} is for --mode=rag")
+    if _RAG_RETRIEVER.value == "bm25":
+        return BM25Retriever
+    if _RAG_RETRIEVER.value == "wordllama":
+        embed = WordLlamaEmbedder()
+    else:
+        base_url = _EMBEDDINGS_BASE_URL.value or _BASE_URL.value
+        _require(embeddings_model=_EMBEDDINGS_MODEL.value, embeddings_base_url=base_url)
+        embed = EmbeddingsClient(base_url, _EMBEDDINGS_MODEL.value,
+                                 api_key_env=_EMBEDDINGS_API_KEY_ENV.value or _API_KEY_ENV.value,
+                                 timeout_s=_TIMEOUT_S.value)
+    return lambda chunks: EmbeddingRetriever(chunks, embed)
+
+
 def longbench_v2() -> int:
     """LongBench v2 in --mode: ask, grade, score (module docstring)."""
     _require(data=_DATA.value)
     _check_client_flags()
     budget = _budget(lb2.DEFAULT_BUDGET)
     output_dir = _longbench_output_dir(f"longbench_v2_{_MODE.value}")
-    jobs.check_v2_files(_DATA.value, output_dir, _MODE.value)  # before a model loads
+    retriever = _rag_retriever()
+    jobs.check_v2_files(_DATA.value, output_dir, _MODE.value, retrieves=retriever is not None)  # before a model loads
     client, name, tokenizer_dir = _client_under_test()
     tokenizer = None if tokenizer_dir is None else load_tokenizer(tokenizer_dir)
     first = lb2.COT_SAMPLING if _MODE.value == "cot" else lb2.DIRECT_SAMPLING
@@ -361,8 +403,8 @@ def longbench_v2() -> int:
         lb2.DIRECT_SAMPLING, temperature=_TEMPERATURE.value)
     report = jobs.longbench_v2_job(
         _DATA.value, output_dir, client, mode=_MODE.value, tokenizer=tokenizer, budget=budget,
-        sampling=_sampling(first), answer_sampling=answer, rag_top_k=_RAG_TOP_K.value, name=name,
-        seed=_SEED.value, concurrency=_CONCURRENCY.value, progress=_PROGRESS.value)
+        sampling=_sampling(first), answer_sampling=answer, rag_top_k=_RAG_TOP_K.value, retriever=retriever,
+        rag_chunk_tokens=_RAG_CHUNK_TOKENS.value, name=name, seed=_SEED.value, concurrency=_CONCURRENCY.value, progress=_PROGRESS.value)
     return _finish(report)
 
 
@@ -391,7 +433,7 @@ EVALUATIONS: dict[str, Callable[[], int]] = {"inference_scaling": inference_scal
 """Evaluation name -> its entry point (reads the flags, returns the exit status)."""
 
 _USER_ERRORS = (UserError, InputError, OutputFileError, CheckpointError, DataFormatError, EmptyDatasetError, TokenizerError, ChatFormatError,
-                LLMClientError, FileNotFoundError, ValueError)
+                LLMClientError, EmbedderUnavailable, FileNotFoundError, ValueError)
 
 
 def main(argv: list[str]) -> int:

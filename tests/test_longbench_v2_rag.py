@@ -92,3 +92,36 @@ def test_rag_through_the_server_equals_the_local_engine(tmp_path):
     assert all(len(row["retrieved"]) == 1 for row in served.values())
     assert reports["http"]["result"] == reports["local"]["result"]
     assert reports["http"]["result"]["overall"]["count"] == 2
+
+
+def test_cli_rag_retrievers_bm25_and_embeddings(tmp_path):
+    from fake_openai_server import FakeOpenAIServer
+    from test_launch_evaluate_longbench import _evaluate
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(_items()))
+    letters = {fact: answer for fact, _, answer in FACTS.values()}
+
+    def reply(body):
+        prompt = body["messages"][0]["content"]
+        found = [letter for fact, letter in letters.items() if fact in prompt]
+        return f"The correct answer is ({found[0] if found else 'A'})"
+
+    with FakeOpenAIServer(reply=reply) as server:
+        common = ["longbench_v2", f"--data={data}", "--client=http", f"--base_url={server.base_url}",
+                  "--model=reader", "--noprogress", "--mode=rag", "--rag_chunk_tokens=13", "--rag_top_k=1"]
+        codes, lines, stderr = _evaluate([
+            [*common, f"--output_dir={tmp_path / 'bm25'}", "--rag_retriever=bm25"],
+            [*common, f"--output_dir={tmp_path / 'dense'}", "--rag_retriever=embeddings", "--embeddings_model=e"],
+            [*common, f"--output_dir={tmp_path / 'given'}"],
+            [*common[:-2], f"--output_dir={tmp_path / 'zero'}", "--mode=zero_shot", "--rag_retriever=bm25"]])
+        embedding_requests = [r for r in server.requests if r.path == "/v1/embeddings"]
+    assert codes == [0, 0, 2, 2], stderr[-3000:]
+    bm25, dense = (json.loads(line) for line in lines)
+    assert bm25["result"]["overall"]["accuracy"] == 100.0
+    assert bm25["retrieval"] == {"retriever": "BM25Retriever", "chunk_tokens": 13, "top_k": 1}
+    # The fake server's embedding is a hashed bag of words: the fact's chunk shares the question's words.
+    assert dense["result"]["overall"]["accuracy"] == 100.0 and dense["retrieval"]["chunk_tokens"] == 13
+    assert {r.body["model"] for r in embedding_requests} == {"e"} and len(embedding_requests) >= 2
+    assert "item _id q0 has no 'retrieved_context'" in stderr
+    assert "--rag_retriever=bm25 is for --mode=rag" in stderr
