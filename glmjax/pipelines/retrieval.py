@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -138,6 +139,13 @@ class Retriever(Protocol):
         """:meth:`search` of each query."""
 
 
+@functools.cache
+def _inherit_bm25s_log_level() -> None:
+    """bm25s sets its logger to DEBUG when imported (a line per index built); leave the level to
+    the application's logging configuration instead."""
+    logging.getLogger("bm25s").setLevel(logging.NOTSET)
+
+
 def _top_k(scores: np.ndarray, k: int, keep: np.ndarray | None = None) -> list[int]:
     """Indices of the ``k`` highest ``scores`` (ties: the lower index first), among ``keep``."""
     order = np.argsort(-scores, kind="stable")
@@ -165,6 +173,7 @@ class BM25Retriever:
         # which would initialize JAX's backends before a program can configure them.
         import bm25s
 
+        _inherit_bm25s_log_level()
         self.chunks = list(chunks)
         corpus = [lexical_terms(chunk) for chunk in self.chunks]
         self._empty = not any(corpus)
