@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-import glmjax
 from glmjax.data.tokenizer import default_tokenizer, save_tokenizer
 from glmjax.evals import longcite as lc
 
@@ -134,33 +131,7 @@ def load_fixture() -> list[dict]:
 
 # --------------------------------------------------------------------- running launch.evaluate
 
-REPO = os.path.dirname(os.path.dirname(glmjax.__file__))
-
-_IN_PROCESS_RUNNER = """
-import json, sys
-from absl import flags
-from absl.testing import flagsaver
-from launch import evaluate
-codes = []
-for args in json.loads(sys.argv[1]):
-    with flagsaver.flagsaver():
-        argv = flags.FLAGS(["evaluate", *args])
-        codes.append(evaluate.main(argv))
-    sys.stdout.flush()
-print(json.dumps(codes))
-"""
-
-ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-
-
-def evaluate_cli(cases, timeout=240):
-    """launch.evaluate.main over several argument lists in ONE fresh interpreter: (exit codes,
-    stdout lines before the codes, stderr)."""
-    done = subprocess.run([sys.executable, "-c", _IN_PROCESS_RUNNER, json.dumps(cases)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()
-    return json.loads(lines[-1]), lines[:-1], done.stderr
+from evaluate_cli import ENV, REPO, evaluate_cli  # noqa: E402,F401  (the CLI tests use them from here)
 
 
 def rows(path):

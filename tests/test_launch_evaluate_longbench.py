@@ -4,8 +4,6 @@ a scripted client: report values against hand-computed ones, resume without new 
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -17,35 +15,9 @@ from glmjax.evals import longbench_v2 as lb2
 from glmjax.inference.llm_client import LLMClient, LLMClientError
 from fake_openai_server import Behaviour, FakeOpenAIServer
 from training_helpers import tiny_run_dir
+from evaluate_cli import evaluate_cli
 
 REPO = os.path.dirname(os.path.dirname(glmjax.__file__))
-
-_IN_PROCESS_RUNNER = """
-import json, sys
-from absl import flags
-from absl.testing import flagsaver
-from launch import evaluate
-codes = []
-for args in json.loads(sys.argv[1]):
-    with flagsaver.flagsaver():
-        argv = flags.FLAGS(["evaluate", *args])
-        codes.append(evaluate.main(argv))
-    sys.stdout.flush()
-print(json.dumps(codes))
-"""
-
-
-def _evaluate(cases, timeout=240):
-    """launch.evaluate.main over several argument lists in ONE fresh interpreter (absl flags of
-    other launch modules would clash in the test worker): (exit codes, stdout lines before the
-    codes, stderr)."""
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", _IN_PROCESS_RUNNER, json.dumps(cases)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()
-    return json.loads(lines[-1]), lines[:-1], done.stderr
-
 
 def _write_jsonl(path, rows):
     path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
@@ -106,7 +78,7 @@ def test_longbench_write_cli_http_report_resume_and_retry(tmp_path):
         args = ["longbench_write", f"--prompts={prompts}", f"--output_dir={out}", "--client=http",
                 f"--base_url={server.base_url}", "--model=writer", f"--judge_base_url={server.base_url}",
                 "--judge_model=judge", "--max_new_tokens=4096", "--concurrency=2", "--seed=3", "--noprogress"]
-        codes, lines, stderr = _evaluate([args, args, args])
+        codes, lines, stderr = evaluate_cli([args, args, args])
         requests = list(server.requests)
     assert codes == [1, 0, 0], stderr[-3000:]
     first, second, third = (json.loads(line) for line in lines)
@@ -257,7 +229,7 @@ def test_longbench_v2_cli_http_truncation_report_resume_and_cot(tmp_path):
                   "--noprogress", "--concurrency=2"]
         zero_args = ["longbench_v2", *common, f"--output_dir={zero}", "--mode=zero_shot",
                      f"--tokenizer_dir={tmp_path / 'tok'}", f"--budget={budget}"]
-        codes, lines, stderr = _evaluate([zero_args, zero_args,
+        codes, lines, stderr = evaluate_cli([zero_args, zero_args,
                                           ["longbench_v2", *common, f"--output_dir={cot}", "--mode=cot"]])
         requests = list(server.requests)
     assert codes == [0, 0, 0], stderr[-3000:]
@@ -348,7 +320,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
         (["longbench_v2", f"--data={data}", out, *http, "--attention_backend=sample"],
          "--attention_backend and --sample_attention_alpha apply to --client=local only"),
     ]
-    codes, _, stderr = _evaluate([args for args, _ in cases])
+    codes, _, stderr = evaluate_cli([args for args, _ in cases])
     assert codes == [2] * len(cases)
     lines = [line for line in stderr.splitlines() if line.startswith("evaluate longbench_")]
     assert len(lines) == len(cases), stderr[-3000:]
@@ -369,7 +341,7 @@ def test_local_engine_writes_and_answers(tmp_path):
     data = _v2_data(tmp_path / "data.json", long_context="filler words " * 100)
     judge_json = json.dumps(dict.fromkeys(TITLES, 2))
     with FakeOpenAIServer(reply=lambda request: judge_json) as server:
-        codes, lines, stderr = _evaluate([
+        codes, lines, stderr = evaluate_cli([
             ["longbench_write", f"--prompts={prompts}", f"--output_dir={tmp_path / 'w'}", "--client=local",
              f"--run_dir={run}", f"--judge_base_url={server.base_url}", "--judge_model=judge",
              "--max_new_tokens=8", "--concurrency=2", "--noprogress"],

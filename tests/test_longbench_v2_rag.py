@@ -96,7 +96,7 @@ def test_rag_through_the_server_equals_the_local_engine(tmp_path):
 
 def test_cli_rag_retrievers_bm25_and_embeddings(tmp_path):
     from fake_openai_server import FakeOpenAIServer
-    from test_launch_evaluate_longbench import _evaluate
+    from evaluate_cli import evaluate_cli
 
     data = tmp_path / "data.json"
     data.write_text(json.dumps(_items()))
@@ -110,7 +110,7 @@ def test_cli_rag_retrievers_bm25_and_embeddings(tmp_path):
     with FakeOpenAIServer(reply=reply) as server:
         common = ["longbench_v2", f"--data={data}", "--client=http", f"--base_url={server.base_url}",
                   "--model=reader", "--noprogress", "--mode=rag", "--rag_chunk_tokens=13", "--rag_top_k=1"]
-        codes, lines, stderr = _evaluate([
+        codes, lines, stderr = evaluate_cli([
             [*common, f"--output_dir={tmp_path / 'bm25'}", "--rag_retriever=bm25"],
             [*common, f"--output_dir={tmp_path / 'dense'}", "--rag_retriever=embeddings", "--embeddings_model=e"],
             [*common, f"--output_dir={tmp_path / 'given'}"],

@@ -37,7 +37,7 @@ from typing import Any
 import gin
 
 from glmjax.evals import longcite as lc
-from glmjax.evals.longbench_jobs import StaleStageError, item_seed, total_usage
+from glmjax.evals.longbench_jobs import StaleStageError, item_seed, total_usage, usage_line, write_report
 from glmjax.evals.longbench_v2 import TokenizerLike, truncate_prompt
 from glmjax.inference.llm_client import LLMClient, SamplingParams
 from glmjax.pipelines.runner import Item, finished_rows, run_stage
@@ -106,21 +106,7 @@ def _tokenizer_name(tokenizer: Any) -> str:
     return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
 
 
-def _write_report(output_dir: Path, report: Mapping[str, Any], markdown: str) -> dict[str, str]:
-    """Writes ``report.json`` and ``report.md`` (each replaced whole); returns their paths."""
-    paths = {"report_json": str(output_dir / "report.json"), "report_md": str(output_dir / "report.md")}
-    for path, text in ((paths["report_json"], json.dumps(report, indent=2, ensure_ascii=False) + "\n"),
-                       (paths["report_md"], markdown)):
-        temp = f"{path}.tmp-{os.getpid()}"
-        with open(temp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temp, path)
-    return paths
-
-
 def _markdown(report: Mapping[str, Any]) -> str:
-    usage = report["usage"]
-    unreported = f" ({usage['unreported']} without a count from the server)" if usage["unreported"] else ""
     length = (f"Citation length: tokens of the cited text per citation, by the tokenizer "
               f"`{report['citation_length_tokenizer']}` (- without citations)."
               if report["citation_length_tokenizer"] else
@@ -128,8 +114,7 @@ def _markdown(report: Mapping[str, Any]) -> str:
     text = (f"# LongBench-Cite: {report['model']}\n\n{report['scored']} of {report['items']} items scored.\n\n"
             + lc.render_markdown(report["summary"]) + "\nRecall, precision, F1 and correctness in percent (means "
             "per answer); the average is over the groups listed. " + length + "\n\n"
-            f"Tokens of the finished items: {usage['prompt_tokens']} prompt, {usage['completion_tokens']} "
-            f"completion, over {usage['calls']} calls{unreported}.\n")
+            + usage_line(report["usage"]))
     if report["unfinished"]:
         text += (f"\n{report['unfinished']} of {report['items']} items are not scored yet (failed items are listed "
                  "in the stages' *.errors.jsonl); rerun the same command to finish them.\n")
@@ -264,5 +249,5 @@ def longbench_cite_job(
               "truncation": truncation,
               "citation_length_tokenizer": None if tokenizer is None else _tokenizer_name(tokenizer),
               "summary": lc.summarize(rows), "usage": total_usage(finished), "stages": stages, "files": files}
-    files.update(_write_report(out, report, _markdown(report)))
+    files.update(write_report(out, report, _markdown(report)))
     return report

@@ -78,13 +78,14 @@ def total_usage(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return total.to_json()
 
 
-def _usage_line(usage: Mapping[str, int]) -> str:
+def usage_line(usage: Mapping[str, int]) -> str:
+    """The reports' token-count sentence for a :func:`total_usage` dict."""
     unreported = f" ({usage['unreported']} without a count from the server)" if usage["unreported"] else ""
     return (f"Tokens of the finished items: {usage['prompt_tokens']} prompt, {usage['completion_tokens']} "
             f"completion, over {usage['calls']} calls{unreported}.\n")
 
 
-def _write_report(output_dir: Path, report: Mapping[str, Any], markdown: str) -> dict[str, str]:
+def write_report(output_dir: Path, report: Mapping[str, Any], markdown: str) -> dict[str, str]:
     """Writes ``report.json`` and ``report.md`` (each replaced whole); returns their paths."""
     paths = {"report_json": str(output_dir / "report.json"), "report_md": str(output_dir / "report.md")}
     for path, text in ((paths["report_json"], json.dumps(report, indent=2, ensure_ascii=False) + "\n"),
@@ -201,8 +202,8 @@ def longbench_write_job(
         f"\n{report['unfinished']} of {len(items)} items are not scored yet (failed items are listed in "
         "the stages' *.errors.jsonl); rerun the same command to finish them.\n")
     markdown = (f"# LongBench-Write\n\n{len(rows)} of {len(items)} items scored.\n\n"
-                + lbw.render_markdown(summary) + "\n" + _usage_line(usage) + unfinished)
-    files.update(_write_report(out, report, markdown))
+                + lbw.render_markdown(summary) + "\n" + usage_line(usage) + unfinished)
+    files.update(write_report(out, report, markdown))
     return report
 
 
@@ -346,6 +347,6 @@ def longbench_v2_job(
         f"\n{report['unfinished']} of {len(items)} items are not answered yet (failures in "
         "predictions.errors.jsonl); rerun the same command to finish them.\n")
     markdown = (f"# LongBench v2 ({mode})\n\n{len(scored)} of {len(items)} items scored; accuracy in %.\n\n"
-                + lb2.markdown_table(result, name=name) + "\n\n" + _usage_line(usage) + unfinished)
-    files.update(_write_report(out, report, markdown))
+                + lb2.markdown_table(result, name=name) + "\n\n" + usage_line(usage) + unfinished)
+    files.update(write_report(out, report, markdown))
     return report
