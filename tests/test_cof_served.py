@@ -1,7 +1,7 @@
 """CoF end to end through ``launch.serve``'s app: a tiny model served on loopback runs every stage
-(OpenAIHTTPClient) and gives the same rows, SFT record and token counts as the same model through
-the local engine client; a random served model fails per item, and scripted later stages finish
-what it could not.
+(OpenAIHTTPClient; also ``launch.pipeline cof`` pointed at it) and gives the same rows, SFT record
+and token counts as the same model through the local engine client; a random served model fails
+per item, and scripted later stages finish what it could not.
 
 A random model cannot write questions or citations, so the served model is built to: the tokenizer
 gets one added token whose text is :data:`REPLY`, and :func:`serving_models.scripted_engine` makes
@@ -12,6 +12,9 @@ prompts are short files (selected as any prompt file is) to fit the served model
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from chat_tokenizers import qwen_tokenizer
@@ -20,6 +23,7 @@ from scripted_clients import ScriptedClient
 from serving_models import MODEL_NAME, scripted_engine, serving, tiny_engine
 from tokenizers import AddedToken
 
+import glmjax
 from glmjax.data.chat_format import chat_format_for
 from glmjax.inference.llm_client import OpenAIHTTPClient
 from glmjax.inference.local_client import LocalEngineClient
@@ -91,6 +95,27 @@ def test_served_model_runs_every_stage_as_the_local_engine(tmp_path, cof_model, 
         usage = served["stages"][stage]["usage"]
         assert usage == direct["stages"][stage]["usage"] and usage["unreported"] == 0
         assert usage["calls"] == calls and usage["completion_tokens"] == 2 * calls
+
+
+@pytest.mark.slow
+def test_the_cli_through_the_served_model(tmp_path, cof_model, prompt_files):
+    http, _ = cof_model
+    (tmp_path / "documents.jsonl").write_text(json.dumps({"id": "orrin", "context": ORRIN["context"]}) + "\n")
+    gin_flags = [f"--gin.cof_pipeline.{name}='{path}'" for name, path in prompt_files.items()]
+    done = subprocess.run(
+        [sys.executable, "-m", "launch.pipeline", "cof", f"--input={tmp_path / 'documents.jsonl'}",
+         f"--output={tmp_path / 'out'}", "--client=http", f"--base_url={http.url.removesuffix('/chat/completions')}",
+         f"--model={MODEL_NAME}", "--gin.cof_pipeline.chunk_tokens=24", "--gin.cof_pipeline.temperature=0.0",
+         "--gin.cof_pipeline.max_tokens=8", "--gin.cof_pipeline.sentence_cite_max_tokens=8", *gin_flags],
+        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(glmjax.__file__)),
+        env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (summary["sft_records"], summary["failed"]) == (1, 0)
+    assert summary["stages"]["qa"]["usage"]["completion_tokens"] == 4  # the server's usage, 2 tokens a call
+    (record,) = _rows(tmp_path / "out" / "sft.jsonl")
+    assert record["messages"][1]["content"] == (
+        "1: <statement>The railway closed in 1961.<cite>[1-1][0-0]</cite></statement> [0-0]")
 
 
 def test_a_random_served_model_fails_per_item_and_scripted_stages_finish(tmp_path_factory, tmp_path, prompt_files):
