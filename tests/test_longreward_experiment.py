@@ -51,6 +51,8 @@ def test_rule_judge_scores(tmp_path):
     assert ex.expected_check(12, "*", 3, 35) == "Check: 35/3!=12, wrong."
     assert ex.expected_check(7, "-", 3, 3) == "Check: 3+3=6!=7, wrong."
     assert ex.expected_check(7, "+", 5, 12) == "Check: 12-5=7, ok."
+    assert ex.expected_check(7, "*", 0, 0) is None  # a sample multiplying by 0: no right check
+    assert ex.logicality("Compute 7*2.", "Step 1: 7*0=0. Check: 0/0=7, ok.\nAnswer: 0") == 5.0
     bare = _score(NO_STEPS)
     assert bare.statements == [] and bare.scores == {"helpfulness": 10.0, "logicality": 0.0, "faithfulness": 10.0,
                                                      "completeness": 0.0}
