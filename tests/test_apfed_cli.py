@@ -70,6 +70,14 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, message):
     assert lines[0].startswith(message.format(bad=bad)), lines[0]
 
 
+def test_passive_without_calls_exits_4_after_its_idle_timeout():
+    done = subprocess.run(_cli("passive", "--gin_file=configs/apfed/digits_r.gin", "--idle_timeout_s=1"),
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 4, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[0])["name"] == "view1"
+    assert _apfed_lines(done.stderr) == ["apfed: passive view1: no call for 1 s, exiting"]
+
+
 @pytest.mark.slow  # six short trainings in one process: ~30-60 s on 2 shared cores
 def test_experiment_role_prints_the_table():
     done = subprocess.run(

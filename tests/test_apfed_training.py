@@ -245,6 +245,9 @@ def test_id_mismatch_and_variant_mismatch_fail_at_the_handshake():
     channel = InProcessChannel("view1", PassiveParty(passive, PassiveConfig(name="view1", variant="C")))
     with pytest.raises(PartyConfigError, match="active party runs APFed-R, passive party 'view1' is configured for APFed-C"):
         train_active(active, [channel], _config("R"))
+    channel = InProcessChannel("view9", PassiveParty(passive, PassiveConfig(name="view1")))
+    with pytest.raises(PartyConfigError, match="configured as 'view9' calls itself 'view1'"):
+        train_active(active, [channel], _config("R"))
     with pytest.raises(PartyConfigError, match="must not carry labels"):
         PassiveParty(active, PassiveConfig())
     with pytest.raises(PartyConfigError, match="on_passive_loss='later'"):

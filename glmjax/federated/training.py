@@ -170,6 +170,8 @@ def train_active(data: PartyData, channels: Sequence[PassiveChannel], config: Ac
     if step < total:
         for ch in live:
             reply = ch.handshake(HandshakeRequest(config.variant, party.sent_dim, data.ids, step))
+            if reply.party != ch.name:
+                raise PartyConfigError(f"the passive party configured as {ch.name!r} calls itself {reply.party!r}")
             note(f"active: passive party {reply.party!r} joined (its restored step {reply.restored_step})")
 
     def lose(ch: PassiveChannel, err: PassiveUnavailableError, at: int) -> None:
