@@ -87,18 +87,11 @@ from glmjax.evals import inference_scaling as scaling
 from glmjax.evals import longbench_cite_jobs as cite_jobs
 from glmjax.evals import longbench_jobs as jobs
 from glmjax.evals import longbench_v2 as lb2
-from glmjax.inference.embeddings_client import EmbeddingsClient
 from glmjax.inference.engine import GenerationEngine
 from glmjax.inference.llm_client import LLMClient, LLMClientError, OpenAIHTTPClient, SamplingParams
 from glmjax.inference.local_client import LocalEngineClient
 from glmjax.models.attention import BACKENDS as ATTENTION_BACKENDS
-from glmjax.pipelines.retrieval import (
-    BM25Retriever,
-    EmbedderUnavailable,
-    EmbeddingRetriever,
-    Retriever,
-    WordLlamaEmbedder,
-)
+from glmjax.pipelines.retrieval import EmbedderUnavailable, Retriever
 from glmjax.pipelines.runner import InputError, OutputFileError
 from launch import common
 
@@ -177,7 +170,7 @@ _BUDGET = flags.DEFINE_integer("budget", None, "longbench_v2, longbench_cite: pr
                                "or the run's with --client=local).")
 _RAG_TOP_K = flags.DEFINE_integer("rag_top_k", None, "longbench_v2 --mode=rag: retrieved chunks shown (default: all).")
 _RAG_RETRIEVER = flags.DEFINE_enum(
-    "rag_retriever", "given", ["given", "bm25", "embeddings", "wordllama"],
+    "rag_retriever", "given", ["given", *common.RETRIEVERS],
     "longbench_v2 --mode=rag: the data's retrieved_context (given), or chunks of each context retrieved "
     "for its question by BM25, an /v1/embeddings endpoint (--embeddings_*) or the local WordLlama model.")
 _RAG_CHUNK_TOKENS = flags.DEFINE_integer("rag_chunk_tokens", lb2.RAG_CHUNK_TOKENS,
@@ -375,17 +368,9 @@ def _rag_retriever() -> Callable[[list[str]], Retriever] | None:
         return None
     if _MODE.value != "rag":
         raise UserError(f"--rag_retriever={_RAG_RETRIEVER.value} is for --mode=rag")
-    if _RAG_RETRIEVER.value == "bm25":
-        return BM25Retriever
-    if _RAG_RETRIEVER.value == "wordllama":
-        embed = WordLlamaEmbedder()
-    else:
-        base_url = _EMBEDDINGS_BASE_URL.value or _BASE_URL.value
-        _require(embeddings_model=_EMBEDDINGS_MODEL.value, embeddings_base_url=base_url)
-        embed = EmbeddingsClient(base_url, _EMBEDDINGS_MODEL.value,
-                                 api_key_env=_EMBEDDINGS_API_KEY_ENV.value or _API_KEY_ENV.value,
-                                 timeout_s=_TIMEOUT_S.value)
-    return lambda chunks: EmbeddingRetriever(chunks, embed)
+    return common.retriever_factory(
+        _RAG_RETRIEVER.value, base_url=_EMBEDDINGS_BASE_URL.value or _BASE_URL.value, model=_EMBEDDINGS_MODEL.value,
+        api_key_env=_EMBEDDINGS_API_KEY_ENV.value or _API_KEY_ENV.value, timeout_s=_TIMEOUT_S.value)
 
 
 def longbench_v2() -> int:

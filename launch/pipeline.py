@@ -55,10 +55,9 @@ from glmjax.data.tokenizer import TokenizerError, load_tokenizer
 from glmjax.inference.engine import GenerationEngine
 from glmjax.inference.llm_client import LLMClient, OpenAIHTTPClient
 from glmjax.inference.local_client import LocalEngineClient
-from glmjax.inference.embeddings_client import EmbeddingsClient
 from glmjax.pipelines import agentwrite, cof, t1_cot
 from glmjax.pipelines.agentwrite import agentwrite_pipeline
-from glmjax.pipelines.retrieval import BM25Retriever, EmbedderUnavailable, EmbeddingRetriever, WordLlamaEmbedder
+from glmjax.pipelines.retrieval import EmbedderUnavailable
 from glmjax.pipelines.runner import InputError, OutputFileError
 from glmjax.pipelines.t1_cot import PromptError, t1_cot_pipeline, write_builtin_problems
 from launch import common
@@ -90,7 +89,7 @@ _NUM_PROBLEMS = flags.DEFINE_integer("num_problems", 32, "builtin_problems: how 
 _SPLIT = flags.DEFINE_enum("split", "eval", ["train", "eval"], "builtin_problems: the task split.")
 _SEED = flags.DEFINE_integer("seed", 0, "builtin_problems: generator seed.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars on stderr.")
-_RETRIEVER = flags.DEFINE_enum("retriever", "bm25", ["bm25", "embeddings", "wordllama"],
+_RETRIEVER = flags.DEFINE_enum("retriever", "bm25", list(common.RETRIEVERS),
                                "cof: chunk retrieval: BM25, an /v1/embeddings endpoint, or the local "
                                "WordLlama model (pip install wordllama).")
 _EMBEDDINGS_BASE_URL = flags.DEFINE_string("embeddings_base_url", None,
@@ -137,24 +136,11 @@ def _clients() -> tuple[list[LLMClient], LLMClient, LLMClient, LLMClient]:
     return attempts, critic, writer, planner
 
 
-def _retriever_factory() -> cof.RetrieverFactory:
-    """The chunk retriever of ``--retriever`` (its embedder built once, here)."""
-    if _RETRIEVER.value == "bm25":
-        return BM25Retriever
-    if _RETRIEVER.value == "wordllama":
-        embed = WordLlamaEmbedder()
-    else:
-        base_url = _EMBEDDINGS_BASE_URL.value or _BASE_URL.value
-        _require(embeddings_model=_EMBEDDINGS_MODEL.value, embeddings_base_url=base_url)
-        embed = EmbeddingsClient(base_url, _EMBEDDINGS_MODEL.value,
-                                 api_key_env=_EMBEDDINGS_API_KEY_ENV.value or _API_KEY_ENV.value,
-                                 timeout_s=_TIMEOUT_S.value)
-    return lambda chunks: EmbeddingRetriever(chunks, embed)
-
-
 def _run_cof(overrides: dict[str, int]) -> dict:
     cof.check_files(_INPUT.value, _OUTPUT.value)  # bad files are refused before a model loads
-    factory = _retriever_factory()
+    factory = common.retriever_factory(
+        _RETRIEVER.value, base_url=_EMBEDDINGS_BASE_URL.value or _BASE_URL.value, model=_EMBEDDINGS_MODEL.value,
+        api_key_env=_EMBEDDINGS_API_KEY_ENV.value or _API_KEY_ENV.value, timeout_s=_TIMEOUT_S.value)
     tokenizer_dir = _TOKENIZER_DIR.value
     if tokenizer_dir is None and _CLIENT.value == "local" and _RUN_DIR.value is not None:
         tokenizer_dir = run_tokenizer_dir(_RUN_DIR.value)

@@ -94,18 +94,9 @@ def _server_reply(request):
     return cof_reply(request["messages"][-1]["content"])
 
 
-def _has_wordllama():
-    try:
-        import wordllama  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("retriever", [
     "bm25", pytest.param("embeddings", marks=pytest.mark.slow),
-    pytest.param("wordllama", marks=[pytest.mark.slow, pytest.mark.skipif(not _has_wordllama(),
-                                                                          reason="wordllama is not installed")])])
+    pytest.param("wordllama", marks=pytest.mark.slow)])  # glmjax[test] installs wordllama
 def test_cli_against_the_fake_server(tmp_path, retriever):
     out = tmp_path / "out"
     args = ["cof", f"--input={FIXTURE}", f"--output={out}", "--client=http", "--model=m", "--concurrency=2",
@@ -140,7 +131,7 @@ def test_cli_bad_input_and_flags_exit_2(tmp_path):
     done = _launch("cof", f"--input={FIXTURE}", f"--output={tmp_path / 'o'}", "--client=http",
                    "--base_url=http://127.0.0.1:9/v1", "--model=m", "--retriever=embeddings")
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == "pipeline: this command needs --embeddings_model"
+    assert done.stderr.strip().splitlines()[-1] == "pipeline: the embeddings retriever needs --embeddings_model"
     done = _launch("cof", f"--input={FIXTURE}", f"--output={tmp_path / 'o'}", "--client=http",
                    "--base_url=http://127.0.0.1:9/v1", "--model=m", "--gin.cof_pipeline.min_cited_fraction=2.0")
     assert done.returncode == 2 and "min_cited_fraction in [0, 1]" in done.stderr.strip().splitlines()[-1]

@@ -150,8 +150,7 @@ def test_embedding_retriever_rejects_bad_embeddings():
         retriever.search("q", 1)
 
 
-def test_wordllama_embedder_ranks_by_meaning():
-    pytest.importorskip("wordllama")
+def test_wordllama_embedder_ranks_by_meaning():  # glmjax[test] installs wordllama
     chunks = ["Cats purr softly on the sofa.", "The central bank raised interest rates.",
               "Heavy rain flooded the streets."]
     retriever = EmbeddingRetriever(chunks, WordLlamaEmbedder())

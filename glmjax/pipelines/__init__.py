@@ -6,6 +6,12 @@
   rewritten solution with trial and error and self-verification).
 * :mod:`glmjax.pipelines.agentwrite`: LongWriter's AgentWrite (plan -> paragraph-by-paragraph
   writing -> ``{"messages": [user, assistant]}`` SFT records).
+* :mod:`glmjax.pipelines.cof`: LongCite's CoF (QA from long documents -> chunk-level ->
+  sentence-level citations -> filtered ``{"messages"}`` SFT records).
+* :mod:`glmjax.pipelines.longreward`: LongReward (sampled responses scored on four dimensions by
+  a judge -> best-vs-worst DPO pairs).
+* :mod:`glmjax.pipelines.retrieval`: chunking, BM25 and embedding retrieval (CoF, LongReward,
+  LongBench v2's rag mode).
 
 Run them with ``python -m launch.pipeline NAME ...``.
 """
