@@ -14,7 +14,9 @@ r"""APFed parties as processes, active-alone prediction, and the lambda x seed e
 Data: ``party_data`` in the gin scope of the role (``active/party_data.*``, ``passive/...``).
 Exit codes: 0 done; 2 bad input or config (one line on stderr: file, line, column / ids);
 3 the active party stopped because a passive party was lost (on_passive_loss = "stop",
-checkpoint saved); 4 a passive party saw no call for --idle_timeout_s seconds.
+checkpoint saved); 4 a passive party saw no call for --idle_timeout_s seconds. A passive party
+stops on SIGTERM with exit 0 (outcome "terminated"; its checkpoints are the ones the active
+party asked for).
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def _parse_passives() -> list[tuple[str, str]]:
 def _run_passive() -> int:
     config = PassiveConfig()
     server = PassiveServer(PassiveParty(_data("passive"), config), _ADDRESS.value).start()
-    signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
+    signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
     print(json.dumps({"role": "passive", "name": config.name, "address": server.address}), flush=True)
     outcome = server.wait(_IDLE_TIMEOUT.value)
     server.stop()

@@ -3,6 +3,7 @@ bad config, unreachable passive party) and the experiment role's table."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -76,6 +77,20 @@ def test_passive_without_calls_exits_4_after_its_idle_timeout():
     assert done.returncode == 4, done.stderr[-2000:]
     assert json.loads(done.stdout.splitlines()[0])["name"] == "view1"
     assert _apfed_lines(done.stderr) == ["apfed: passive view1: no call for 1 s, exiting"]
+
+
+def test_passive_stops_on_sigterm():
+    passive = subprocess.Popen(_cli("passive", "--gin_file=configs/apfed/digits_r.gin"), cwd=REPO, env=_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(passive.stdout.readline())["address"].startswith("127.0.0.1:")
+        passive.send_signal(signal.SIGTERM)
+        out, err = passive.communicate(timeout=30)
+    finally:
+        if passive.poll() is None:
+            passive.kill()
+    assert passive.returncode == 0, err[-2000:]
+    assert json.loads(out.strip().splitlines()[-1])["outcome"] == "terminated"
 
 
 @pytest.mark.slow  # six short trainings in one process: ~30-60 s on 2 shared cores

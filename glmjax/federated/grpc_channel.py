@@ -45,7 +45,7 @@ class PassiveServer:
         self.address = f"{host}:{port}"
         self._done = threading.Event()
         self._last_call = time.monotonic()
-        self.outcome: str | None = None   # "finished" | "rejected" | "idle"
+        self.outcome: str | None = None   # "finished" | "rejected" | "idle" | "terminated"
         self.error: Exception | None = None
 
     def _handler(self, method: str):
@@ -69,13 +69,18 @@ class PassiveServer:
         return self
 
     def wait(self, idle_timeout_s: float | None = None) -> str:
-        """Blocks until Finish, a rejected handshake, or ``idle_timeout_s`` seconds without a call;
-        returns ``outcome`` ("finished", "rejected" or "idle")."""
+        """Blocks until Finish, a rejected handshake, ``request_stop`` or ``idle_timeout_s`` seconds
+        without a call; returns ``outcome``."""
         while not self._done.wait(1.0):
             if idle_timeout_s is not None and time.monotonic() - self._last_call > idle_timeout_s:
                 self.outcome = "idle"
                 break
         return self.outcome
+
+    def request_stop(self) -> None:
+        """Ends ``wait`` with outcome "terminated" (e.g. from a SIGTERM handler)."""
+        self.outcome = self.outcome or "terminated"
+        self._done.set()
 
     def stop(self, grace_s: float = 2.0) -> None:
         """Stops serving; calls in flight get ``grace_s`` seconds to finish (replies are sent)."""
