@@ -9,5 +9,6 @@ with the active party alone.
 Modules: ``data`` (multi-view data sets, per-party CSV/NPZ files, id alignment), ``modules`` (NNX
 networks), ``losses``, ``channel`` (messages, codec, in-process channel), ``grpc_channel``
 (loopback/network transport), ``active`` / ``passive`` (party logic), ``checkpoints``,
-``training`` (the active party's loop), ``experiments`` (lambda x seed sweeps).
+``optim`` (party optimiser settings), ``training`` (the active party's loop), ``experiments``
+(lambda x seed sweeps).
 """

@@ -22,7 +22,7 @@ import abc
 import dataclasses
 import json
 import struct
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import numpy as np
 
@@ -210,8 +210,6 @@ class InProcessChannel(PassiveChannel):
     ``record``: called with (method, request bytes, reply bytes) for every call (tests inspect
     what crosses). ``disconnect()`` makes every later call fail as a lost party would.
     """
-
-    transport: ClassVar[str] = "in-process"
 
     def __init__(self, name: str, service: PassiveService,
                  record: Callable[[str, bytes, bytes], None] | None = None):

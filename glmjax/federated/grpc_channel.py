@@ -98,8 +98,6 @@ class GrpcPassiveChannel(PassiveChannel):
       connect_timeout_s: how long the Handshake waits for the passive party to come up.
     """
 
-    transport = "grpc"
-
     def __init__(self, name: str, address: str, timeout_s: float = 30.0, connect_timeout_s: float = 60.0):
         self.name = name
         self.address = address

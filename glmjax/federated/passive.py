@@ -92,7 +92,6 @@ class PassiveParty(PassiveService):
         self.config = config
         self.data = data
         self.finished = False
-        self.last_step = 0
         self._x: jax.Array | None = None
 
     @property
@@ -124,7 +123,6 @@ class PassiveParty(PassiveService):
         x = self._x[jnp.asarray(request.index)]
         self._params, self._opt_state, grad, loss = self._step(self._params, self._opt_state,
                                                                jnp.asarray(request.sent), x)
-        self.last_step = request.step
         return StepReply(grad=np.asarray(grad, np.float32), loss=float(loss))
 
     def checkpoint(self, request: StepNumber) -> StepNumber:
