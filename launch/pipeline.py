@@ -20,6 +20,11 @@ r"""Runs a data pipeline (``glmjax.pipelines``) with LLM clients from the comman
   python -m launch.pipeline cof --input=documents.jsonl --output=DIR --client=http \
       --base_url=http://localhost:8000/v1 --model=m --retriever=embeddings --embeddings_model=e
 
+  # LongReward: sample responses from a local run, score them with an HTTP judge, write DPO pairs:
+  python -m launch.pipeline longreward --input=prompts.jsonl --output=DIR --client=local \
+      --run_dir=runs/sft --judge_base_url=https://api.example.com/v1 --judge_model=judge \
+      --judge_api_key_env=JUDGE_KEY --gin.longreward_pipeline.num_samples=5
+
 Pipelines:
   ``cof``: ``glmjax.pipelines.cof.cof_pipeline`` on ``{"id"?, "context", "query"?, "answer"?}`` rows;
     ``--output`` is its directory (``qa.jsonl``, ``chunk_cites.jsonl``, ``sentence_cites.jsonl``,
@@ -28,6 +33,13 @@ Pipelines:
     default ``--base_url``), ``wordllama`` (a local model shipped in the ``wordllama`` package).
     Chunks count the tokens of ``--tokenizer_dir`` (``--client=local``: the run's tokenizer by
     default), else words and CJK characters.
+  ``longreward``: ``glmjax.pipelines.longreward.longreward_pipeline`` on ``{"id"?, "context",
+    "query"}`` rows; ``--output`` is its directory (``responses.jsonl``, ``relevant.jsonl``,
+    ``scores.jsonl``, ``pairs.jsonl`` for ``pair_data``). The policy is the model of the usual
+    flags (the engine of ``--client=local --run_dir``, or the first ``--model`` at ``--base_url``);
+    the judge is ``--judge_model`` at ``--judge_base_url`` (key in ``--judge_api_key_env``), and
+    without them the policy judges itself. ``--retriever`` and the chunk tokenizer as for ``cof``
+    (the chunks of the faithfulness statements).
   ``agentwrite``: ``glmjax.pipelines.agentwrite.agentwrite_pipeline`` on ``{"id"?, "instruction"}``
     rows; ``--output`` is its directory (``plans.jsonl``, ``writes.jsonl``, ``sft.jsonl``). The
     first ``--model`` (or ``--planner_model`` / ``--writer_model``) plans and writes.
@@ -47,6 +59,7 @@ import json
 import sys
 
 from absl import app, flags
+from transformers import PreTrainedTokenizerBase
 
 from glmjax.checkpoints import CheckpointError
 from glmjax.checkpoints.training_runs import load_trained_model, run_tokenizer_dir
@@ -55,25 +68,26 @@ from glmjax.data.tokenizer import TokenizerError, load_tokenizer
 from glmjax.inference.engine import GenerationEngine
 from glmjax.inference.llm_client import LLMClient, OpenAIHTTPClient
 from glmjax.inference.local_client import LocalEngineClient
-from glmjax.pipelines import agentwrite, cof, t1_cot
+from glmjax.pipelines import agentwrite, cof, longreward, t1_cot
 from glmjax.pipelines.agentwrite import agentwrite_pipeline
+from glmjax.pipelines.longreward import longreward_pipeline
 from glmjax.pipelines.retrieval import EmbedderUnavailable
 from glmjax.pipelines.runner import InputError, OutputFileError
 from glmjax.pipelines.t1_cot import PromptError, t1_cot_pipeline, write_builtin_problems
 from launch import common
 from launch.train import GinConfigError, parse_gin, split_gin_shorthand  # also --gin_file, --gin_bindings
 
-PIPELINES = ("t1_cot", "builtin_problems", "agentwrite", "cof")
+PIPELINES = ("t1_cot", "builtin_problems", "agentwrite", "cof", "longreward")
 
 _INPUT = flags.DEFINE_string("input", None, "Input JSONL of the pipeline's items.")
 _OUTPUT = flags.DEFINE_string("output", None,
-                              "Output directory (t1_cot, agentwrite, cof) or file (builtin_problems).")
+                              "Output directory (t1_cot, agentwrite, cof, longreward) or file (builtin_problems).")
 _CLIENT = flags.DEFINE_enum("client", None, ["local", "http"],
                             "local: the engine of --run_dir; http: an OpenAI-compatible --base_url.")
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "--client=local: a launch.train MODEL_DIR.")
 _STEP = flags.DEFINE_integer("step", None, "--client=local: checkpoint step (default: the newest good one).")
 _TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None,
-                                     "--client=local: tokenizer directory (default: the run's); cof: the "
+                                     "--client=local: tokenizer directory (default: the run's); cof, longreward: the "
                                      "tokenizer whose tokens the chunks count (also with --client=http).")
 _MAX_BATCH_SIZE = flags.DEFINE_integer("max_batch_size", 16, "--client=local: rows per engine call.")
 _BASE_URL = flags.DEFINE_string("base_url", None, "--client=http: API root, e.g. http://localhost:8000/v1.")
@@ -83,6 +97,12 @@ _WRITER_MODEL = flags.DEFINE_string("writer_model", None, "--client=http: writer
 _PLANNER_MODEL = flags.DEFINE_string("planner_model", None,
                                      "--client=http, agentwrite: planner model (default: the first --model).")
 _API_KEY_ENV = flags.DEFINE_string("api_key_env", None, "--client=http: environment variable holding the API key.")
+_JUDGE_BASE_URL = flags.DEFINE_string(
+    "judge_base_url", None, "longreward: OpenAI-compatible API root of the judge; without it the policy (the "
+    "local engine, or the first --model at --base_url) judges itself.")
+_JUDGE_MODEL = flags.DEFINE_string("judge_model", None, "longreward: model name sent to --judge_base_url.")
+_JUDGE_API_KEY_ENV = flags.DEFINE_string("judge_api_key_env", None,
+                                         "longreward: environment variable holding the judge's API key.")
 _TIMEOUT_S = flags.DEFINE_float("timeout_s", 600.0, "--client=http: socket timeout per request attempt.")
 _CONCURRENCY = flags.DEFINE_integer("concurrency", None, "Items worked on at once (default: the pipeline's).")
 _NUM_PROBLEMS = flags.DEFINE_integer("num_problems", 32, "builtin_problems: how many.")
@@ -90,7 +110,7 @@ _SPLIT = flags.DEFINE_enum("split", "eval", ["train", "eval"], "builtin_problems
 _SEED = flags.DEFINE_integer("seed", 0, "builtin_problems: generator seed.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars on stderr.")
 _RETRIEVER = flags.DEFINE_enum("retriever", "bm25", list(common.RETRIEVERS),
-                               "cof: chunk retrieval: BM25, an /v1/embeddings endpoint, or the local "
+                               "cof, longreward: chunk retrieval: BM25, an /v1/embeddings endpoint, or the local "
                                "WordLlama model (pip install wordllama).")
 _EMBEDDINGS_BASE_URL = flags.DEFINE_string("embeddings_base_url", None,
                                            "cof --retriever=embeddings: API root (default: --base_url).")
@@ -136,18 +156,46 @@ def _clients() -> tuple[list[LLMClient], LLMClient, LLMClient, LLMClient]:
     return attempts, critic, writer, planner
 
 
-def _run_cof(overrides: dict[str, int]) -> dict:
-    cof.check_files(_INPUT.value, _OUTPUT.value)  # bad files are refused before a model loads
-    factory = common.retriever_factory(
+def _retriever_factory() -> cof.RetrieverFactory:
+    """The chunk retriever of ``--retriever`` (``--embeddings_*`` for "embeddings")."""
+    return common.retriever_factory(
         _RETRIEVER.value, base_url=_EMBEDDINGS_BASE_URL.value or _BASE_URL.value, model=_EMBEDDINGS_MODEL.value,
         api_key_env=_EMBEDDINGS_API_KEY_ENV.value or _API_KEY_ENV.value, timeout_s=_TIMEOUT_S.value)
+
+
+def _chunk_tokenizer() -> PreTrainedTokenizerBase | None:
+    """The tokenizer whose tokens the chunks count: --tokenizer_dir, else (--client=local) the run's,
+    else None (words and CJK characters)."""
     tokenizer_dir = _TOKENIZER_DIR.value
     if tokenizer_dir is None and _CLIENT.value == "local" and _RUN_DIR.value is not None:
         tokenizer_dir = run_tokenizer_dir(_RUN_DIR.value)
-    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    return load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+
+
+def _run_cof(overrides: dict[str, int]) -> dict:
+    cof.check_files(_INPUT.value, _OUTPUT.value)  # bad files are refused before a model loads
+    factory, tokenizer = _retriever_factory(), _chunk_tokenizer()
     _, client, _, _ = _clients()
     return cof.cof_pipeline(_INPUT.value, _OUTPUT.value, client, retriever_factory=factory, tokenizer=tokenizer,
                             progress=_PROGRESS.value, **overrides)
+
+
+def _judge() -> LLMClient | None:
+    """The judge of --judge_base_url / --judge_model, or None (the policy judges itself)."""
+    if (_JUDGE_BASE_URL.value is None) != (_JUDGE_MODEL.value is None):
+        raise UserError("--judge_base_url and --judge_model go together")
+    if _JUDGE_BASE_URL.value is None:
+        return None
+    return OpenAIHTTPClient(_JUDGE_BASE_URL.value, _JUDGE_MODEL.value, api_key_env=_JUDGE_API_KEY_ENV.value,
+                            timeout_s=_TIMEOUT_S.value)
+
+
+def _run_longreward(overrides: dict[str, int]) -> dict:
+    longreward.check_files(_INPUT.value, _OUTPUT.value)  # bad files are refused before a model loads
+    judge, factory, tokenizer = _judge(), _retriever_factory(), _chunk_tokenizer()
+    policy = _clients()[0][0]  # the first --model (or the local engine)
+    return longreward_pipeline(_INPUT.value, _OUTPUT.value, policy, judge or policy, retriever_factory=factory,
+                               tokenizer=tokenizer, progress=_PROGRESS.value, **overrides)
 
 
 def _run(name: str) -> int:
@@ -161,6 +209,8 @@ def _run(name: str) -> int:
     overrides = {} if _CONCURRENCY.value is None else {"concurrency": _CONCURRENCY.value}
     if name == "cof":
         return _report(_run_cof(overrides))
+    if name == "longreward":
+        return _report(_run_longreward(overrides))
     job = agentwrite if name == "agentwrite" else t1_cot
     job.check_files(_INPUT.value, _OUTPUT.value)  # bad files are refused before a model loads
     attempt_clients, critic, writer, planner = _clients()
