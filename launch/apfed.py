@@ -38,6 +38,7 @@ from glmjax.federated.grpc_channel import GrpcPassiveChannel, PassiveServer
 from glmjax.federated.passive import PassiveConfig, PassiveParty
 from glmjax.federated.training import ActiveConfig, predict_active, train_active
 from launch import common
+from launch.common import GinConfigError, one_line, parse_gin, split_gin_shorthand
 
 _ROLE = flags.DEFINE_enum("role", None, ["active", "passive", "predict", "experiment"], "Which party / job to run.")
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "gin config files, applied in order.")
@@ -51,51 +52,11 @@ _USER_ERRORS = (FederatedDataError, PartyConfigError, PartyCheckpointError, Pass
                 FileNotFoundError)
 
 
-_GIN_FLAG_PREFIX = "--gin."
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class GinConfigError(ValueError):
-    """A gin file or binding that does not parse."""
-
-
-def split_gin_shorthand(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separates ``--gin.NAME=VALUE`` arguments (returned as bindings ``NAME = VALUE``)."""
-    rest, bindings = [], []
-    for arg in argv:
-        if arg.startswith(_GIN_FLAG_PREFIX):
-            name, sep, value = arg[len(_GIN_FLAG_PREFIX):].partition("=")
-            if not sep:
-                raise app.UsageError(f"{arg}: expected --gin.NAME=VALUE")
-            bindings.append(f"{name} = {value}")
-        else:
-            rest.append(arg)
-    return rest, bindings
-
-
-def parse_gin(files: list[str], bindings: list[str]) -> None:
-    """Parses gin files (also searched relative to the repository), then bindings."""
-    gin.add_config_file_search_path(_REPO_ROOT)
-    for file in files:
-        try:
-            gin.parse_config_file(file)
-        except Exception as err:  # gin raises ValueError, SyntaxError, IOError, ...
-            raise GinConfigError(f"{file}: {_one_line(err)}") from err
-    for binding in bindings:
-        try:
-            gin.parse_config(binding)
-        except Exception as err:
-            raise GinConfigError(f"binding {binding!r}: {_one_line(err)}") from err
-    gin.finalize()
-
-
 def _fail(message: str, code: int = 2) -> int:
     print(f"apfed: {message}", file=sys.stderr, flush=True)
     return code
 
 
-def _one_line(err: BaseException) -> str:
-    return "; ".join(part.strip() for part in str(err).splitlines() if part.strip())
 
 
 def _data(role: str):
@@ -123,7 +84,7 @@ def _run_passive() -> int:
     outcome = server.wait(_IDLE_TIMEOUT.value)
     server.stop()
     if outcome == "rejected":
-        return _fail(_one_line(server.error))
+        return _fail(one_line(server.error))
     if outcome == "idle":
         return _fail(f"passive {config.name}: no call for {_IDLE_TIMEOUT.value:g} s, exiting", 4)
     print(json.dumps({"role": "passive", "name": config.name, "outcome": outcome}), flush=True)
@@ -186,12 +147,12 @@ def main(argv: list[str], extra_bindings: list[str]) -> int:
     try:
         return runner()
     except PassiveUnavailableError as err:
-        return _fail(f"{_one_line(err)} (before training could start)")
+        return _fail(f"{one_line(err)} (before training could start)")
     except _USER_ERRORS as err:
-        return _fail(_one_line(err))
+        return _fail(one_line(err))
     except OSError as err:  # e.g. the passive address is taken
         logging.error("%s", err)
-        return _fail(_one_line(err))
+        return _fail(one_line(err))
 
 
 def run() -> None:

@@ -14,10 +14,7 @@ environment on TPU pods / SLURM).
 from __future__ import annotations
 
 import json
-import os
-import re
 import sys
-import tokenize
 
 import gin
 import jax
@@ -30,6 +27,7 @@ from glmjax.data.spec import BatchSpecError
 from glmjax.rl.stages import run_stages, stage_summary
 from glmjax.training.trainer import ConfigError, TrainingDivergedError, train
 from launch import common
+from launch.common import GinConfigError, one_line, parse_gin, split_gin_shorthand  # noqa: F401  (re-exported)
 
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "gin config files, applied in order.")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "gin bindings, applied after the files.")
@@ -38,69 +36,9 @@ _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "With --compile_only: compile for this TPU topology (e.g. v5p:2x2x1, v5e:2x4) "
     "through libtpu, without a TPU; prints per-device HBM use and XLA's FLOPs.")
 
-_GIN_FLAG_PREFIX = "--gin."
-
-
-def split_gin_shorthand(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separates ``--gin.NAME=VALUE`` arguments (returned as bindings) from the rest."""
-    rest, bindings = [], []
-    for arg in argv:
-        if arg.startswith(_GIN_FLAG_PREFIX):
-            name, sep, value = arg[len(_GIN_FLAG_PREFIX):].partition("=")
-            if not sep:
-                raise app.UsageError(f"{arg}: expected --gin.NAME=VALUE")
-            bindings.append(f"{name} = {value}")
-        else:
-            rest.append(arg)
-    return rest, bindings
-
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 # Errors that mean "the config or the input is wrong": one line, non-zero exit, nothing lost.
 _USER_ERRORS = (ConfigError, CheckpointError, BatchSpecError, DataFormatError, EmptyDatasetError,
                 FileNotFoundError)
-
-
-class GinConfigError(ValueError):
-    """A gin file or binding that does not parse (the message names the file and line, or the binding)."""
-
-
-_UNSET_MACRO = re.compile(r"No bindings specified for '([^'/]+)/gin\.macro'")
-
-
-def _one_line(err: BaseException) -> str:
-    if isinstance(err, tokenize.TokenError) and len(err.args) == 2:
-        message, (line, _) = err.args
-        return f"line {line}: {message}"
-    return "; ".join(part.strip() for part in str(err).splitlines() if part.strip())
-
-
-def parse_gin(files: list[str], bindings: list[str]) -> None:
-    """Parses gin files (searched relative to the repository too) and then bindings, in order.
-
-    Raises:
-      GinConfigError: naming the file (and line) or the binding that failed.
-    """
-    gin.add_config_file_search_path(REPO_ROOT)
-    for file in files:
-        try:
-            gin.parse_config_file(file)
-        except Exception as err:  # gin raises ValueError, SyntaxError, TokenError, IOError, ...
-            raise GinConfigError(f"{file}: {_one_line(err)}") from err
-    for binding in bindings:
-        try:
-            gin.parse_config(binding)
-        except Exception as err:
-            raise GinConfigError(f"binding {binding!r}: {_one_line(err)}") from err
-    try:
-        gin.finalize()  # checks that every %MACRO used is bound
-    except ValueError as err:
-        unset = _UNSET_MACRO.match(str(err))
-        if unset is None:
-            raise GinConfigError(_one_line(err)) from err
-        raise GinConfigError(f"macro {unset.group(1)} is used but not set: bind it in a gin file or "
-                             f"give --gin.{unset.group(1)}=VALUE") from err
 
 
 def _fail(message: str) -> int:
@@ -135,7 +73,7 @@ def main(argv: list[str], extra_bindings: list[str]) -> int:
         print(f"training stopped: {err}", file=sys.stderr)
         return 3
     except _USER_ERRORS as err:
-        return _fail(_one_line(err))
+        return _fail(one_line(err))
     if jax.process_index() == 0:
         summary = {
             "step": result.step,
