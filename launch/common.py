@@ -1,4 +1,4 @@
-"""Flags and set-up shared by the launch entrypoints (train, generate, serve, pipeline, evaluate)."""
+"""Flags, gin parsing, retrievers and set-up shared by the launch entrypoints (train, generate, serve, pipeline, evaluate, apfed)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from scripted_clients import ScriptedClient
 
 from glmjax.data.synthetic import generate_problems
 from glmjax.pipelines import longreward as lr
-from launch import longreward_experiment as ex
+from glmjax.evals import arithmetic_judge as ex
 
 CORRECT = "Step 1: 9-2=7. Check: 7+2=9, ok.\nStep 2: 7-1=6. Check: 6+1=7, ok.\nAnswer: 6"
 REDONE = ("Step 1: 9-2=8. Check: 8+2=10!=9, wrong. Redo: 9-2=7. Check: 7+2=9, ok.\n"
