@@ -368,6 +368,8 @@ def _rag_retriever() -> Callable[[list[str]], Retriever] | None:
         return None
     if _MODE.value != "rag":
         raise UserError(f"--rag_retriever={_RAG_RETRIEVER.value} is for --mode=rag")
+    if _RAG_CHUNK_TOKENS.value < 1:
+        raise UserError(f"--rag_chunk_tokens must be >= 1, got {_RAG_CHUNK_TOKENS.value}")
     return common.retriever_factory(
         _RAG_RETRIEVER.value, base_url=_EMBEDDINGS_BASE_URL.value or _BASE_URL.value, model=_EMBEDDINGS_MODEL.value,
         api_key_env=_EMBEDDINGS_API_KEY_ENV.value or _API_KEY_ENV.value, timeout_s=_TIMEOUT_S.value)

@@ -114,9 +114,10 @@ def test_cli_rag_retrievers_bm25_and_embeddings(tmp_path):
             [*common, f"--output_dir={tmp_path / 'bm25'}", "--rag_retriever=bm25"],
             [*common, f"--output_dir={tmp_path / 'dense'}", "--rag_retriever=embeddings", "--embeddings_model=e"],
             [*common, f"--output_dir={tmp_path / 'given'}"],
-            [*common[:-2], f"--output_dir={tmp_path / 'zero'}", "--mode=zero_shot", "--rag_retriever=bm25"]])
+            [*common[:-2], f"--output_dir={tmp_path / 'zero'}", "--mode=zero_shot", "--rag_retriever=bm25"],
+            [*common, f"--output_dir={tmp_path / 'zero_chunks'}", "--rag_retriever=bm25", "--rag_chunk_tokens=0"]])
         embedding_requests = [r for r in server.requests if r.path == "/v1/embeddings"]
-    assert codes == [0, 0, 2, 2], stderr[-3000:]
+    assert codes == [0, 0, 2, 2, 2], stderr[-3000:]
     bm25, dense = (json.loads(line) for line in lines)
     assert bm25["result"]["overall"]["accuracy"] == 100.0
     assert bm25["retrieval"] == {"retriever": "BM25Retriever", "chunk_tokens": 13, "top_k": 1}
@@ -125,3 +126,4 @@ def test_cli_rag_retrievers_bm25_and_embeddings(tmp_path):
     assert {r.body["model"] for r in embedding_requests} == {"e"} and len(embedding_requests) >= 2
     assert "item _id q0 has no 'retrieved_context'" in stderr
     assert "--rag_retriever=bm25 is for --mode=rag" in stderr
+    assert "--rag_chunk_tokens must be >= 1, got 0" in stderr and not (tmp_path / "zero_chunks").exists()

@@ -35,12 +35,12 @@ pipeline stage (``glmjax.pipelines.runner``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from glmjax.evals.item_files import read_item_rows
 from glmjax.inference.llm_client import LLMClient, LLMClientError, SamplingParams
 from glmjax.pipelines.retrieval import Retriever, chunk_text
 
@@ -184,27 +184,7 @@ def load_items(path: str | os.PathLike) -> list[LongBenchV2Item]:
         or two items with the same ``_id``.
     """
     path = os.fspath(path)
-    items: list[LongBenchV2Item] = []
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise LongBenchV2FormatError(f"{path}:{line_number}: invalid JSON: {error.msg}") from None
-                items.append(parse_item(row, f"{path}:{line_number}"))
-        else:
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as error:
-                raise LongBenchV2FormatError(
-                    f"{path}:{error.lineno}: invalid JSON: {error.msg} (a .jsonl name reads one "
-                    "object a line)") from None
-            if not isinstance(rows, list):
-                raise LongBenchV2FormatError(f"{path}: expected a JSON list of items, got {type(rows).__name__}")
-            items = [parse_item(row, f"{path}: item {index}") for index, row in enumerate(rows)]
+    items = [parse_item(row, where) for row, where in read_item_rows(path, LongBenchV2FormatError)]
     seen: set[str] = set()
     for index, item in enumerate(items):
         if item.id in seen:

@@ -52,7 +52,6 @@ prompt), each replaceable through gin (:func:`load_judge_prompts`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import re
@@ -62,6 +61,7 @@ from typing import Any
 import gin
 from nltk.tokenize.punkt import PunktSentenceTokenizer
 
+from glmjax.evals.item_files import read_item_rows
 from glmjax.inference.llm_client import LLMClient, SamplingParams, item_sampling
 from glmjax.pipelines.t1_cot import load_prompt, render
 
@@ -341,26 +341,7 @@ def load_cite_items(path: str | os.PathLike) -> list[CiteItem]:
       FileNotFoundError: no such file.
     """
     path = os.fspath(path)
-    items: list[CiteItem] = []
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise LongBenchCiteError(f"{path}:{number}: invalid JSON: {err.msg}") from None
-                items.append(parse_cite_item(row, f"{path}:{number}"))
-        else:
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as err:
-                raise LongBenchCiteError(f"{path}:{err.lineno}: invalid JSON: {err.msg} (a .jsonl name reads "
-                                         "one object a line)") from None
-            if not isinstance(rows, list):
-                raise LongBenchCiteError(f"{path}: expected a JSON list of items, got {type(rows).__name__}")
-            items = [parse_cite_item(row, f"{path}: item {index}") for index, row in enumerate(rows)]
+    items = [parse_cite_item(row, where) for row, where in read_item_rows(path, LongBenchCiteError)]
     if not items:
         raise LongBenchCiteError(f"{path}: no items")
     first: dict[int | str, str] = {}

@@ -14,19 +14,22 @@ prompt_tokens` sums the tokens the server reported.
 
 from __future__ import annotations
 
-import http.client
 import json
-import os
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 
 import numpy as np
 
-from glmjax.inference.llm_client import LLMClientError, LLMConnectionError, LLMHTTPError, LLMResponseError
+from glmjax.inference.llm_client import (
+    LLMClientError,
+    LLMResponseError,
+    backoff_s,
+    json_headers,
+    make_opener,
+    post_json,
+)
 
 
 class EmbeddingsClient:
@@ -67,14 +70,8 @@ class EmbeddingsClient:
         self.max_retry_after_s = max_retry_after_s
         self.batch_size = batch_size
         self.dimensions = dimensions
-        if api_key is None and api_key_env is not None:
-            api_key = os.environ.get(api_key_env)
-            if not api_key:
-                raise ValueError(f"environment variable {api_key_env} (embeddings API key) is not set")
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
-        self._opener = urllib.request.build_opener(*([] if use_env_proxy else [urllib.request.ProxyHandler({})]))
+        self._headers = json_headers(api_key, api_key_env, "embeddings API key")
+        self._opener = make_opener(use_env_proxy)
         self._random = random.Random()
         self._lock = threading.Lock()
         self.prompt_tokens = 0
@@ -119,33 +116,12 @@ class EmbeddingsClient:
                 attempt += 1
 
     def _backoff_s(self, retry: int, retry_after_s: float | None) -> float:
-        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (retry - 1))
-        with self._lock:
-            delay = self._random.uniform(ceiling / 2, ceiling)
-        if retry_after_s is not None:
-            delay = max(delay, min(retry_after_s, self.max_retry_after_s))
-        return delay
+        with self._lock:  # the random generator is shared by the callers' threads
+            return backoff_s(retry, self._random, base_s=self.backoff_base_s, max_s=self.backoff_max_s,
+                             retry_after_s=retry_after_s, max_retry_after_s=self.max_retry_after_s)
 
     def _attempt(self, body: bytes) -> bytes:
-        request = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
-        try:
-            with self._opener.open(request, timeout=self.timeout_s) as response:
-                return response.read()
-        except urllib.error.HTTPError as error:
-            detail = _error_detail(error)
-            retry_after = error.headers.get("Retry-After")
-            try:
-                retry_after_s = max(0.0, float(retry_after)) if retry_after is not None else None
-            except ValueError:
-                retry_after_s = None
-            raise LLMHTTPError(f"POST {self.url} returned HTTP {error.code}: {detail}", status=error.code,
-                               retryable=error.code in (408, 429) or error.code >= 500,
-                               retry_after_s=retry_after_s) from None
-        except urllib.error.URLError as error:
-            raise LLMConnectionError(f"POST {self.url} failed: {error.reason}", retryable=True) from None
-        except (TimeoutError, http.client.HTTPException, OSError) as error:
-            reason = "timed out" if isinstance(error, TimeoutError) else repr(error)
-            raise LLMConnectionError(f"POST {self.url} failed: {reason}", retryable=True) from None
+        return post_json(self._opener, self.url, body, self._headers, self.timeout_s)
 
     def _parse(self, raw: bytes, count: int) -> np.ndarray:
         """The ``[count, dim]`` embeddings of a reply body (retryable :class:`LLMResponseError`
@@ -175,20 +151,3 @@ class EmbeddingsClient:
             with self._lock:
                 self.prompt_tokens += tokens
         return matrix
-
-
-def _error_detail(error: urllib.error.HTTPError) -> str:
-    """An error reply's ``error.message``, else an excerpt of its body."""
-    try:
-        raw = error.read()
-    except (OSError, http.client.HTTPException) as read_error:
-        return f"(body unreadable: {read_error!r})"
-    finally:
-        error.close()
-    try:
-        message = json.loads(raw)["error"]["message"]
-        if isinstance(message, str):
-            return message
-    except (ValueError, TypeError, KeyError):
-        pass
-    return repr(raw[:300].decode("utf-8", "replace"))

@@ -381,15 +381,8 @@ class OpenAIHTTPClient(LLMClient):
         self.deadline_s = deadline_s
         self.retry_budget = retry_budget
         self.max_concurrency = max_concurrency
-        if api_key is None and api_key_env is not None:
-            api_key = os.environ.get(api_key_env)
-            if not api_key:
-                raise ValueError(f"environment variable {api_key_env} (API key) is not set")
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
-        handlers = [] if use_env_proxy else [urllib.request.ProxyHandler({})]
-        self._opener = urllib.request.build_opener(*handlers)
+        self._headers = json_headers(api_key, api_key_env, "API key")
+        self._opener = make_opener(use_env_proxy)
         self._random = random.Random()
 
     def complete(self, messages: Sequence[Message], sampling: SamplingParams | None = None) -> str:
@@ -533,34 +526,74 @@ class OpenAIHTTPClient(LLMClient):
                 attempt += 1
 
     def _backoff_s(self, retry: int, retry_after_s: float | None) -> float:
-        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (retry - 1))
-        delay = self._random.uniform(ceiling / 2, ceiling)
-        if retry_after_s is not None:
-            delay = max(delay, min(retry_after_s, self.max_retry_after_s))
-        return delay
+        return backoff_s(retry, self._random, base_s=self.backoff_base_s, max_s=self.backoff_max_s,
+                         retry_after_s=retry_after_s, max_retry_after_s=self.max_retry_after_s)
 
     def _attempt(self, body: bytes, timeout_s: float) -> bytes:
-        """One POST returning the reply body; every failure is a (non-)retryable error."""
-        request = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
-        try:
-            with self._opener.open(request, timeout=timeout_s) as response:
-                return response.read()
-        except urllib.error.HTTPError as error:
-            status = error.code
-            detail = _read_error_body(error)
-            retryable = status in (408, 429) or status >= 500
-            raise LLMHTTPError(
-                f"POST {self.url} returned HTTP {status}: {detail}",
-                status=status,
-                retryable=retryable,
-                retry_after_s=_retry_after_s(error.headers.get("Retry-After")),
-            ) from None
-        except urllib.error.URLError as error:
-            raise LLMConnectionError(f"POST {self.url} failed: {error.reason}",
-                                     retryable=True) from None
-        except (TimeoutError, http.client.HTTPException, OSError) as error:
-            reason = "timed out" if isinstance(error, TimeoutError) else repr(error)
-            raise LLMConnectionError(f"POST {self.url} failed: {reason}", retryable=True) from None
+        return post_json(self._opener, self.url, body, self._headers, timeout_s)
+
+
+def json_headers(api_key: str | None, api_key_env: str | None, what: str) -> dict[str, str]:
+    """JSON request headers, with ``Authorization: Bearer`` for ``api_key`` (or the value of the
+    environment variable ``api_key_env``; ``what`` names the key in the error).
+
+    Raises:
+      ValueError: ``api_key_env`` names a variable that is not set.
+    """
+    if api_key is None and api_key_env is not None:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise ValueError(f"environment variable {api_key_env} ({what}) is not set")
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def make_opener(use_env_proxy: bool) -> urllib.request.OpenerDirector:
+    """A urllib opener; ``use_env_proxy=False`` ignores ``*_proxy`` variables (loopback servers)."""
+    return urllib.request.build_opener(*([] if use_env_proxy else [urllib.request.ProxyHandler({})]))
+
+
+def backoff_s(retry: int, rng: random.Random, *, base_s: float, max_s: float, retry_after_s: float | None,
+              max_retry_after_s: float) -> float:
+    """Seconds to wait before retry ``retry`` (1-based): uniform in [c/2, c] for
+    ``c = min(max_s, base_s * 2 ** (retry - 1))``, and at least the server's ``retry_after_s``
+    hint, honoured up to ``max_retry_after_s``."""
+    ceiling = min(max_s, base_s * 2 ** (retry - 1))
+    delay = rng.uniform(ceiling / 2, ceiling)
+    if retry_after_s is not None:
+        delay = max(delay, min(retry_after_s, max_retry_after_s))
+    return delay
+
+
+def post_json(opener: urllib.request.OpenerDirector, url: str, body: bytes, headers: Mapping[str, str],
+              timeout_s: float) -> bytes:
+    """One POST of a JSON ``body`` to ``url``, returning the reply body.
+
+    Raises:
+      LLMHTTPError: an HTTP error status (retryable for 408, 429 and 5xx, with the server's
+        ``Retry-After``); LLMConnectionError: no reply (refused, reset, timed out; retryable).
+    """
+    request = urllib.request.Request(url, data=body, headers=dict(headers), method="POST")
+    try:
+        with opener.open(request, timeout=timeout_s) as response:
+            return response.read()
+    except urllib.error.HTTPError as error:
+        status = error.code
+        detail = _read_error_body(error)
+        retryable = status in (408, 429) or status >= 500
+        raise LLMHTTPError(
+            f"POST {url} returned HTTP {status}: {detail}",
+            status=status,
+            retryable=retryable,
+            retry_after_s=_retry_after_s(error.headers.get("Retry-After")),
+        ) from None
+    except urllib.error.URLError as error:
+        raise LLMConnectionError(f"POST {url} failed: {error.reason}", retryable=True) from None
+    except (TimeoutError, http.client.HTTPException, OSError) as error:
+        reason = "timed out" if isinstance(error, TimeoutError) else repr(error)
+        raise LLMConnectionError(f"POST {url} failed: {reason}", retryable=True) from None
 
 
 def to_openai_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
